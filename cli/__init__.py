@@ -1,0 +1,1 @@
+"""The `dt` command-line tool."""

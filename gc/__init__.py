@@ -1,0 +1,1 @@
+"""Dark Tower Global Controller."""

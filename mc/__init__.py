@@ -1,0 +1,1 @@
+"""Dark Tower Meeting Controller (implemented by a later issue)."""

@@ -1,0 +1,1 @@
+"""Protocol definitions and the grpclib code generated from them."""

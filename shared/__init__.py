@@ -1,0 +1,1 @@
+"""Code both services share: config, auth, logging, metrics, the trio/asyncio seam, dev stack."""

@@ -1,0 +1,115 @@
+"""PostgreSQL connection pool (asyncpg) and the translation of its errors.
+
+asyncpg is asyncio-flavoured: the pool is created, used and closed on the
+asyncio side of :mod:`darktower.shared.seam`. Repository modules take a
+:class:`asyncpg.Pool` and hold all SQL; nothing above them names an asyncpg
+exception - they see :class:`DatabaseUnavailable` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import ParamSpec, TypeVar
+
+import asyncpg
+import trio
+
+from darktower.shared.seam import run_aio
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Every statement is bounded: asyncpg terminates a connection whose query is
+#: cancelled, so an unbounded query is a stuck request *and* a lost connection.
+DEFAULT_COMMAND_TIMEOUT_S = 5.0
+#: Bounded connect so that a database outage turns into a fast UNAVAILABLE.
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+
+Pool = asyncpg.Pool
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or did not answer in time."""
+
+
+# The explicit map of what "database down" means; everything else is a bug and
+# propagates as itself.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    socket.gaierror,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Decorate an asyncio-flavoured repository function: outages become
+    :class:`DatabaseUnavailable`, so callers map exactly one exception to
+    UNAVAILABLE / 503."""
+
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__qualname__ = fn.__qualname__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> asyncpg.Pool:
+    """Asyncio-flavoured: open a pool whose every statement is time-bounded."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=command_timeout_s,
+            timeout=connect_timeout_s,
+            # The pool outlives database restarts: stale connections are
+            # replaced on their next use.
+            max_inactive_connection_lifetime=60.0,
+        )
+    except _UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(type(exc).__name__) from exc
+    assert pool is not None
+    return pool
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout=2.0)
+    except TimeoutError:
+        pool.terminate()
+
+
+@asynccontextmanager
+async def open_pool(dsn: str, **kwargs: float) -> AsyncIterator[asyncpg.Pool]:
+    """Trio-flavoured: a pool for the duration of the block (inside
+    :func:`darktower.shared.seam.asyncio_loop`); closed with a bounded,
+    shielded cleanup even when the block is cancelled."""
+    pool = await run_aio(create_pool, dsn, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield pool
+    finally:
+        with trio.move_on_after(3, shield=True):
+            await run_aio(_close_pool, pool)
