@@ -17,7 +17,10 @@ from typing import ParamSpec, TypeVar
 import asyncpg
 import trio
 
+from darktower.shared.logging import get_logger
 from darktower.shared.seam import run_aio
+
+log = get_logger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -103,13 +106,40 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
 
 
 @asynccontextmanager
-async def open_pool(dsn: str, **kwargs: float) -> AsyncIterator[asyncpg.Pool]:
+async def open_pool(
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    attempts: int = 1,
+    retry_delay_s: float = 1.0,
+) -> AsyncIterator[asyncpg.Pool]:
     """Trio-flavoured: a pool for the duration of the block (inside
     :func:`darktower.shared.seam.asyncio_loop`); closed with a bounded,
-    shielded cleanup even when the block is cancelled."""
-    pool = await run_aio(create_pool, dsn, **kwargs)  # type: ignore[arg-type]
+    shielded cleanup even when the block is cancelled.
+
+    Up to ``attempts`` tries ``retry_delay_s`` apart, then
+    :class:`DatabaseUnavailable`: a service started together with its
+    database waits for it, but never forever.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            pool = await run_aio(create_pool, dsn, min_size=min(min_size, max_size),
+                                 max_size=max_size)  # fmt: skip
+            break
+        except DatabaseUnavailable:
+            if attempt == attempts:
+                raise
+            log.warning("database_connect_retry", attempt=attempt, of=attempts)
+            await trio.sleep(retry_delay_s)
     try:
         yield pool
     finally:
         with trio.move_on_after(3, shield=True):
             await run_aio(_close_pool, pool)
+
+
+@translate_errors
+async def ping(pool: asyncpg.Pool) -> None:
+    """Asyncio-flavoured: a round trip to PostgreSQL (readiness, grace ticks)."""
+    await pool.fetchval("SELECT 1", timeout=DEFAULT_CONNECT_TIMEOUT_S)

@@ -1,0 +1,28 @@
+"""``dt``: the Dark Tower command-line tool."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from darktower.cli import bench_cmd, db_cmd, keys_cmd, token_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dt", description="Dark Tower control plane tool")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    keys_cmd.add_parser(subparsers)
+    token_cmd.add_parser(subparsers)
+    db_cmd.add_parser(subparsers)
+    bench_cmd.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The Global Controller as one trio nursery tree (SPEC §2).
+
+Resources outermost (asyncio loop, PostgreSQL pool), then the request
+handlers (gRPC, HTTP), then the control tasks (health checkers) - the shape of
+hypercorn's ``worker_serve``. ``run_gc`` reports ready only once both servers
+listen and the schema is in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import trio
+
+from darktower.gc.config import GcConfig
+from darktower.gc.health_checker import HealthChecker, NodeStore, SweepResult
+from darktower.gc.http_app import create_app
+from darktower.gc.metrics import GRPC_RPCS
+from darktower.gc.registry_service import (
+    POLICY,
+    GlobalControllerService,
+    MediaHandlerRegistryService,
+)
+from darktower.gc.repositories import media_handlers, meeting_controllers
+from darktower.gc.schema import apply_schema
+from darktower.shared.db import open_pool, ping
+from darktower.shared.grpc_server import GrpcServer
+from darktower.shared.http_server import run_http
+from darktower.shared.jwks import KeyStore
+from darktower.shared.logging import get_logger
+from darktower.shared.seam import asyncio_loop, run_aio
+from darktower.shared.tokens import TokenValidator
+
+log = get_logger(__name__)
+
+#: Attempts x delay to reach PostgreSQL at start (GC and database may be
+#: started together, e.g. by ``dt up``); then the GC exits with a clear line.
+_START_ATTEMPTS = 15
+_START_RETRY_DELAY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class GcEndpoints:
+    """Where a started GC listens (ports matter when binding port 0)."""
+
+    grpc_port: int
+    http_port: int
+
+
+def _node_store(kind: str, pool: asyncpg.Pool) -> NodeStore:
+    repo = meeting_controllers if kind == "mc" else media_handlers
+
+    async def mark_stale(stale_after_s: float) -> list[str]:
+        return await run_aio(repo.mark_stale_unhealthy, pool, stale_after_s)
+
+    async def count_by_health() -> dict[str, int]:
+        return await run_aio(repo.count_by_health, pool)
+
+    async def do_ping() -> None:
+        await run_aio(ping, pool)
+
+    return NodeStore(kind, mark_stale, count_by_health, do_ping)
+
+
+async def run_gc(
+    config: GcConfig,
+    *,
+    on_sweep: Callable[[SweepResult], None] | None = None,
+    task_status: trio.TaskStatus[GcEndpoints] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Trio-flavoured: run the whole GC until cancelled."""
+    validator = TokenValidator(KeyStore.from_setting(",".join(config.auth_jwks)))
+    async with (
+        asyncio_loop(),
+        open_pool(
+            config.database_url.reveal(),
+            max_size=config.db_pool_size,
+            attempts=_START_ATTEMPTS,
+            retry_delay_s=_START_RETRY_DELAY_S,
+        ) as pool,
+    ):
+        await run_aio(apply_schema, pool)
+        grpc = GrpcServer(
+            [
+                GlobalControllerService(
+                    pool,
+                    fast_heartbeat_ms=config.fast_heartbeat_ms,
+                    comprehensive_heartbeat_ms=config.comprehensive_heartbeat_ms,
+                ),
+                MediaHandlerRegistryService(pool, load_report_ms=config.load_report_ms),
+            ],
+            validator=validator,
+            policy=POLICY,
+            rpc_counter=GRPC_RPCS,
+        )
+
+        async def database_ping() -> None:
+            await run_aio(ping, pool)
+
+        checkers = [
+            HealthChecker(
+                _node_store("mc", pool),
+                interval_s=config.health_check_interval_s,
+                stale_after_s=config.stale_after_s,
+                grace_s=config.fast_heartbeat_ms / 1000,
+                on_result=on_sweep,
+            ),
+            HealthChecker(
+                _node_store("mh", pool),
+                interval_s=config.health_check_interval_s,
+                stale_after_s=config.stale_after_s,
+                grace_s=config.load_report_ms / 1000,
+                on_result=on_sweep,
+            ),
+        ]
+        async with trio.open_nursery() as nursery:
+            grpc_port = await nursery.start(grpc.run, config.grpc_addr)
+            http_port = await nursery.start(
+                run_http, create_app(database_ping=database_ping), config.http_addr
+            )
+            for checker in checkers:
+                await nursery.start(checker.run)
+            log.info(
+                "gc_started",
+                gc_id=config.gc_id,
+                region=config.region,
+                grpc_port=grpc_port,
+                http_port=http_port,
+            )
+            task_status.started(GcEndpoints(grpc_port, http_port))

@@ -1,0 +1,124 @@
+"""The Global Controller's configuration (SPEC §8), read once at start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from darktower.shared.config import (
+    ConfigError,
+    HostPort,
+    Secret,
+    Var,
+    default_node_id,
+    parse_dsn,
+    parse_float_range,
+    parse_host_port,
+    parse_int_range,
+    parse_list,
+    parse_log_level,
+    parse_node_id,
+    parse_region,
+    parse_secret,
+)
+
+
+def _parse_key_path(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError("no such file")
+    return path
+
+
+def _parse_optional_id(raw: str) -> str:
+    return "" if raw == "-" else parse_node_id(raw)
+
+
+_MS = parse_int_range(100, 3_600_000)
+
+DATABASE_URL = Var("DATABASE_URL", "PostgreSQL DSN", parse_dsn, secret=True)
+HTTP_ADDR = Var("GC_HTTP_ADDR", "HTTP bind address", parse_host_port, "127.0.0.1:8080")
+GRPC_ADDR = Var("GC_GRPC_ADDR", "gRPC bind address", parse_host_port, "127.0.0.1:50051")
+GC_ID = Var("GC_ID", "this instance's id (default gc-<hostname>-<random>)", _parse_optional_id, "-")
+REGION = Var("GC_REGION", "region served", parse_region, "local")
+AUTH_JWKS = Var("AUTH_JWKS", "JWKS paths or URLs, comma-separated, merged", parse_list)
+SIGNING_KEY = Var(
+    "GC_SIGNING_KEY", "Ed25519 private key (PEM path) for meeting tokens", _parse_key_path
+)
+SERVICE_TOKEN = Var("GC_SERVICE_TOKEN", "token the GC presents to MCs", parse_secret, secret=True)
+STALE_AFTER_S = Var(
+    "GC_STALE_AFTER_S",
+    "heartbeat age (s) after which a node is unhealthy",
+    parse_float_range(1, 3600),
+    "30",
+)
+HEALTH_CHECK_INTERVAL_S = Var(
+    "GC_HEALTH_CHECK_INTERVAL_S",
+    "how often (s) the health checkers run",
+    parse_float_range(0.1, 600),
+    "5",
+)
+FAST_HEARTBEAT_MS = Var(
+    "GC_FAST_HEARTBEAT_MS", "fast heartbeat interval handed to MCs", _MS, "10000"
+)
+COMPREHENSIVE_HEARTBEAT_MS = Var(
+    "GC_COMPREHENSIVE_HEARTBEAT_MS", "comprehensive heartbeat interval handed to MCs", _MS, "30000"
+)
+LOAD_REPORT_MS = Var("GC_LOAD_REPORT_MS", "load report interval handed to MHs", _MS, "10000")
+DB_POOL_SIZE = Var(
+    "GC_DB_POOL_SIZE", "PostgreSQL connections per GC process", parse_int_range(1, 200), "10"
+)
+LOG_LEVEL = Var("GC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", parse_log_level, "INFO")
+
+VARIABLES: tuple[Var[object], ...] = (
+    DATABASE_URL, HTTP_ADDR, GRPC_ADDR, GC_ID, REGION, AUTH_JWKS, SIGNING_KEY, SERVICE_TOKEN,
+    STALE_AFTER_S, HEALTH_CHECK_INTERVAL_S, FAST_HEARTBEAT_MS, COMPREHENSIVE_HEARTBEAT_MS,
+    LOAD_REPORT_MS, DB_POOL_SIZE, LOG_LEVEL,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class GcConfig:
+    database_url: Secret
+    http_addr: HostPort
+    grpc_addr: HostPort
+    gc_id: str
+    region: str
+    auth_jwks: tuple[str, ...]
+    signing_key: Path
+    service_token: Secret
+    stale_after_s: float
+    health_check_interval_s: float
+    fast_heartbeat_ms: int
+    comprehensive_heartbeat_ms: int
+    load_report_ms: int
+    db_pool_size: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> GcConfig:
+        """Read and validate every variable; raises :class:`ConfigError`
+        naming the first bad one."""
+        config = cls(
+            database_url=DATABASE_URL.read(environ),
+            http_addr=HTTP_ADDR.read(environ),
+            grpc_addr=GRPC_ADDR.read(environ),
+            gc_id=GC_ID.read(environ) or default_node_id("gc"),
+            region=REGION.read(environ),
+            auth_jwks=AUTH_JWKS.read(environ),
+            signing_key=SIGNING_KEY.read(environ),
+            service_token=SERVICE_TOKEN.read(environ),
+            stale_after_s=STALE_AFTER_S.read(environ),
+            health_check_interval_s=HEALTH_CHECK_INTERVAL_S.read(environ),
+            fast_heartbeat_ms=FAST_HEARTBEAT_MS.read(environ),
+            comprehensive_heartbeat_ms=COMPREHENSIVE_HEARTBEAT_MS.read(environ),
+            load_report_ms=LOAD_REPORT_MS.read(environ),
+            db_pool_size=DB_POOL_SIZE.read(environ),
+            log_level=LOG_LEVEL.read(environ),
+        )
+        if config.health_check_interval_s > config.stale_after_s:
+            raise ConfigError("GC_HEALTH_CHECK_INTERVAL_S must not exceed GC_STALE_AFTER_S")
+        if config.fast_heartbeat_ms / 1000 >= config.stale_after_s:
+            raise ConfigError("GC_FAST_HEARTBEAT_MS must be shorter than GC_STALE_AFTER_S")
+        return config

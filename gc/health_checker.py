@@ -1,0 +1,124 @@
+"""Background health checkers (SPEC §6.2), trio-flavoured.
+
+Every ``interval`` one statement marks nodes whose last heartbeat (database
+clock) is older than ``stale_after`` unhealthy. The danger is the checker's
+own blindness: after the GC was down, paused (SIGSTOP, a long GC pause) or
+cut off from the database for longer than ``stale_after``, *every* node looks
+stale - not because nodes died, but because nobody could hear them (their
+heartbeats failed against the same outage). A live node's heartbeat is at
+most one fast interval (``grace``) old when it can be heard, so after a blind
+gap of ``g`` it may look ``g + grace`` old: marking is only safe when that is
+below ``stale_after``. So whenever the time since the checker last reached
+the database reaches ``stale_after - grace`` (but never less than 1.5 ticks) -
+including at start, when it cannot know how long it was away - it first
+grants ``grace``, in which every live node heartbeats at least once, and only
+pings the database meanwhile.
+
+The checker's own gap is measured on trio's clock (it is about this process,
+and MockClock drives it in tests); node staleness stays on the database clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import trio
+
+from darktower.gc.metrics import HEALTH_SWEEPS, MARKED_UNHEALTHY, NODES_BY_HEALTH
+from darktower.shared.db import DatabaseUnavailable
+from darktower.shared.logging import get_logger
+
+log = get_logger(__name__)
+
+Outcome = Literal["swept", "grace", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What one tick did, published for tests and observability."""
+
+    at: float
+    outcome: Outcome
+    marked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStore:
+    """The three trio-flavoured operations the checker needs for one node
+    kind (each one crossing into asyncio)."""
+
+    kind: str
+    mark_stale: Callable[[float], Awaitable[list[str]]]
+    count_by_health: Callable[[], Awaitable[dict[str, int]]]
+    ping: Callable[[], Awaitable[None]]
+
+
+class HealthChecker:
+    """Marks stale nodes of one kind unhealthy, with outage/pause grace."""
+
+    def __init__(
+        self,
+        store: NodeStore,
+        *,
+        interval_s: float,
+        stale_after_s: float,
+        grace_s: float,
+        on_result: Callable[[SweepResult], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._interval_s = interval_s
+        self._stale_after_s = stale_after_s
+        self._grace_s = grace_s
+        self._blind_after_s = max(stale_after_s - grace_s, 1.5 * interval_s)
+        self._on_result = on_result
+        self._last_contact = -math.inf
+        self._grace_until = -math.inf
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tick until cancelled. Missed ticks are not replayed: after a pause
+        the next tick simply runs once."""
+        task_status.started()
+        while True:
+            result = await self.tick()
+            if self._on_result is not None:
+                self._on_result(result)
+            await trio.sleep(self._interval_s)
+
+    async def tick(self) -> SweepResult:
+        now = trio.current_time()
+        # Blind long enough for live nodes to look stale (or just started):
+        # they get one heartbeat interval to be heard first.
+        if now - self._last_contact >= self._blind_after_s and now >= self._grace_until:
+            self._grace_until = now + self._grace_s
+            log.info("health_check_grace", kind=self._store.kind, grace_s=self._grace_s)
+        try:
+            if now < self._grace_until:
+                await self._store.ping()
+                result = SweepResult(now, "grace")
+            else:
+                marked = await self._store.mark_stale(self._stale_after_s)
+                result = SweepResult(now, "swept", tuple(marked))
+                await self._publish_counts()
+        except DatabaseUnavailable as exc:
+            log.warning("health_check_failed", kind=self._store.kind, error=str(exc))
+            HEALTH_SWEEPS.labels(self._store.kind, "failed").inc()
+            return SweepResult(now, "failed")
+        self._last_contact = now
+        HEALTH_SWEEPS.labels(self._store.kind, result.outcome).inc()
+        if result.marked:
+            MARKED_UNHEALTHY.labels(self._store.kind).inc(len(result.marked))
+            log.warning(
+                "nodes_marked_unhealthy",
+                kind=self._store.kind,
+                count=len(result.marked),
+                ids=",".join(result.marked),
+            )
+        return result
+
+    async def _publish_counts(self) -> None:
+        counts = await self._store.count_by_health()
+        for health in ("pending", "healthy", "degraded", "unhealthy", "draining"):
+            NODES_BY_HEALTH.labels(self._store.kind, health).set(counts.get(health, 0))

@@ -1,0 +1,1 @@
+"""All of the GC's SQL, one module per table family (asyncio-flavoured)."""

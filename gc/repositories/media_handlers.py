@@ -1,0 +1,124 @@
+"""SQL for the ``media_handlers`` table (asyncio-flavoured).
+
+Staleness is judged on the database clock, as for meeting controllers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from darktower.gc.metrics import DB_QUERY_SECONDS
+from darktower.gc.registry_requests import MhLoadReport, MhRegistration
+from darktower.shared.db import translate_errors
+from darktower.shared.metrics import timed
+
+
+@dataclass(frozen=True, slots=True)
+class MediaHandlerRow:
+    handler_id: str
+    region: str
+    zone: str
+    webtransport_endpoint: str
+    grpc_endpoint: str
+    max_streams: int
+    current_streams: int
+    health_status: str
+    cpu_usage_percent: float | None
+    memory_usage_percent: float | None
+    bandwidth_usage_percent: float | None
+    last_heartbeat_at: datetime
+    registered_at: datetime
+    updated_at: datetime
+
+
+_UPSERT = """
+INSERT INTO media_handlers AS mh (
+    handler_id, region, zone, webtransport_endpoint, grpc_endpoint, max_streams,
+    health_status, last_heartbeat_at, registered_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, 'pending', now(), now(), now())
+ON CONFLICT (handler_id) DO UPDATE SET
+    region = EXCLUDED.region,
+    zone = EXCLUDED.zone,
+    webtransport_endpoint = EXCLUDED.webtransport_endpoint,
+    grpc_endpoint = EXCLUDED.grpc_endpoint,
+    max_streams = EXCLUDED.max_streams,
+    last_heartbeat_at = now(),
+    updated_at = now()
+"""
+
+_LOAD_REPORT = """
+UPDATE media_handlers SET
+    current_streams = $2, health_status = $3, cpu_usage_percent = $4,
+    memory_usage_percent = $5, bandwidth_usage_percent = $6,
+    last_heartbeat_at = now(), updated_at = now()
+WHERE handler_id = $1
+RETURNING (extract(epoch FROM now()) * 1000)::bigint
+"""
+
+_MARK_STALE_UNHEALTHY = """
+UPDATE media_handlers SET health_status = 'unhealthy', updated_at = now()
+WHERE health_status IN ('pending', 'healthy', 'degraded')
+  AND last_heartbeat_at < now() - make_interval(secs => $1)
+RETURNING handler_id
+"""
+
+_COUNT_BY_HEALTH = "SELECT health_status, count(*) FROM media_handlers GROUP BY health_status"
+_GET = "SELECT * FROM media_handlers WHERE handler_id = $1"
+_LIST = "SELECT * FROM media_handlers ORDER BY region, handler_id"
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mh_register")
+async def register(pool: asyncpg.Pool, reg: MhRegistration) -> None:
+    """Insert a new MH as ``pending`` or replace a known one's endpoints,
+    zone and capacity."""
+    await pool.execute(
+        _UPSERT,
+        reg.handler_id,
+        reg.region,
+        reg.zone,
+        reg.webtransport_endpoint,
+        reg.grpc_endpoint,
+        reg.max_streams,
+    )
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mh_load_report")
+async def load_report(pool: asyncpg.Pool, report: MhLoadReport) -> int | None:
+    """Record a load report; the database time in ms, or ``None`` when the MH
+    is not registered (NOT_FOUND: it must re-register)."""
+    result: int | None = await pool.fetchval(
+        _LOAD_REPORT, report.handler_id, report.current_streams, report.health,
+        report.cpu_usage_percent, report.memory_usage_percent, report.bandwidth_usage_percent,
+    )  # fmt: skip
+    return result
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mh_mark_stale")
+async def mark_stale_unhealthy(pool: asyncpg.Pool, stale_after_s: float) -> list[str]:
+    """Mark MHs whose last report is older than ``stale_after_s`` unhealthy
+    (draining ones excepted); the ids that changed."""
+    rows = await pool.fetch(_MARK_STALE_UNHEALTHY, stale_after_s)
+    return sorted(row[0] for row in rows)
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mh_count_by_health")
+async def count_by_health(pool: asyncpg.Pool) -> dict[str, int]:
+    return {row[0]: row[1] for row in await pool.fetch(_COUNT_BY_HEALTH)}
+
+
+@translate_errors
+async def get(pool: asyncpg.Pool, handler_id: str) -> MediaHandlerRow | None:
+    row = await pool.fetchrow(_GET, handler_id)
+    return None if row is None else MediaHandlerRow(**dict(row))
+
+
+@translate_errors
+async def list_all(pool: asyncpg.Pool) -> list[MediaHandlerRow]:
+    return [MediaHandlerRow(**dict(row)) for row in await pool.fetch(_LIST)]

@@ -1,0 +1,58 @@
+"""Every developer task is a nox session: ``nox -s tests``, ``nox -s lint``,
+``nox -s protos``. Sessions install the project themselves, so they work
+from a fresh clone with nothing but Python."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import nox
+
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_venv = "yes"
+
+ROOT = Path(__file__).parent
+PACKAGES = ("gc", "mc", "shared", "protos", "cli")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The full test suite against real PostgreSQL and Redis: the machine's
+    when ``DT_TEST_DATABASE_URL`` / ``DT_TEST_REDIS_URL`` are set, embedded
+    servers otherwise."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format) and mypy --strict on every package."""
+    session.install("-e", ".[dev]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    # The folders become ``darktower.<name>`` only when installed; give mypy
+    # the same view through a tree of symlinks.
+    with tempfile.TemporaryDirectory() as tmp:
+        namespace = Path(tmp, "darktower")
+        namespace.mkdir()
+        for package in PACKAGES:
+            (namespace / package).symlink_to(ROOT / package)
+        args = [arg for package in PACKAGES for arg in ("-p", f"darktower.{package}")]
+        session.run("mypy", *args, env={"MYPYPATH": tmp})
+        session.run("mypy", "tests", "noxfile.py", env={"MYPYPATH": tmp})
+
+
+@nox.session
+def protos(session: nox.Session) -> None:
+    """Regenerate the grpclib code from ``protos/internal.proto``."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "darktower.protos.generate")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run a benchmark: ``nox -s bench -- heartbeats``."""
+    session.install("-e", ".")
+    session.run("dt", "bench", *(session.posargs or ["heartbeats"]))

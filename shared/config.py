@@ -1,0 +1,184 @@
+"""Typed configuration from environment variables.
+
+A service reads every variable once at start through an :class:`EnvSpec`; any
+bad or missing value stops it with one line naming the variable (SPEC §8) -
+never a half-configured start. Secrets are wrapped in :class:`Secret` so that
+``repr``/``str`` of a config object (and therefore any log line) cannot leak
+them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+
+
+class ConfigError(Exception):
+    """One configuration variable is missing or invalid; the message names it
+    and never contains the offending value when that value may be secret."""
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str``/f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself: call only where it is handed to a library."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A bind address; port 0 means "any free port" (tests)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Var(Generic[T]):
+    """One documented environment variable (also used to print ``--help``)."""
+
+    name: str
+    meaning: str
+    parse: Callable[[str], T]
+    default: str | None = None
+    secret: bool = False
+
+    def read(self, environ: Mapping[str, str]) -> T:
+        raw = environ.get(self.name)
+        if raw is None or raw.strip() == "":
+            if self.default is None:
+                raise ConfigError(f"{self.name} is required ({self.meaning})")
+            raw = self.default
+        try:
+            return self.parse(raw.strip())
+        except (ValueError, TypeError) as exc:
+            shown = "" if self.secret else f" {raw!r}"
+            raise ConfigError(f"{self.name} is invalid{shown}: {exc}") from None
+
+
+def parse_host_port(raw: str) -> HostPort:
+    host, sep, port_text = raw.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT")
+    host = host.strip("[]")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be 0..65535")
+    return HostPort(host, port)
+
+
+def parse_int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def parse_float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def parse_node_id(raw: str) -> str:
+    if not _ID_RE.match(raw):
+        raise ValueError("1-255 characters of letters, digits, '-' and '_'")
+    return raw
+
+
+def parse_region(raw: str) -> str:
+    if not 1 <= len(raw) <= 50:
+        raise ValueError("1-50 characters")
+    return raw
+
+
+def parse_endpoint(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")) or len(raw) > 255:
+        raise ValueError("1-255 characters starting with http:// or https://")
+    return raw
+
+
+def parse_list(raw: str) -> tuple[str, ...]:
+    items = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not items:
+        raise ValueError("expected a comma-separated list")
+    return items
+
+
+def parse_secret(raw: str) -> Secret:
+    return Secret(raw)
+
+
+def parse_dsn(raw: str) -> Secret:
+    if not raw.startswith(("postgres://", "postgresql://")):
+        raise ValueError("expected a postgresql:// URL")
+    return Secret(raw)
+
+
+def default_node_id(prefix: str) -> str:
+    """``<prefix>-<hostname>-<random>``, trimmed to the id alphabet."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:200] or "host"
+    return f"{prefix}-{host}-{secrets.token_hex(3)}"
+
+
+def help_text(service: str, variables: list[Var[object]]) -> str:
+    """The ``--help`` text: every variable, its default and its meaning."""
+    lines = [f"usage: {service} (configured by environment variables)", ""]
+    for var in variables:
+        default = "required" if var.default is None else f"default {var.default}"
+        lines.append(f"  {var.name:32} {var.meaning} ({default})")
+    return "\n".join(lines)
+
+
+def fail(message: str) -> NoReturn:
+    """Exit at start with one clear line on stderr, status 2 (like argparse)."""
+    print(f"configuration error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def environ() -> Mapping[str, str]:
+    return os.environ
+
+
+def parse_log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
+    return level

@@ -1,0 +1,194 @@
+"""A grpclib server as a trio-flavoured component, with auth and graceful drain.
+
+grpclib is asyncio-flavoured; this module is the only place that starts and
+stops a grpclib ``Server``. Around the services it adds, via grpclib's event
+hooks (the extension points grpclib intends, see ``grpclib/events.py``):
+
+* authentication of every RPC in the ``RecvRequest`` hook: a method missing
+  from the policy is refused (default deny), the bearer token is validated
+  for the method's audience and scope, and the verified claims are handed to
+  the handler through :func:`current_claims` (the hook runs in the handler's
+  own task, so a context variable carries them);
+* one translation boundary for errors: :class:`InvalidArgument` becomes
+  ``INVALID_ARGUMENT`` (naming the field), :class:`DatabaseUnavailable`
+  ``UNAVAILABLE`` and any unexpected exception becomes a bare ``INTERNAL``
+  (logged with its traceback here, never sent to the client);
+* RPC outcome metrics by method and status in ``SendTrailingMetadata``;
+* graceful drain: ``Server.close()`` cancels in-flight RPCs (grpclib #148), so
+  on shutdown we stop listening, refuse new RPCs with ``UNAVAILABLE``, wait
+  for in-flight ones up to a deadline, and only then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from grpclib._typing import IServerMethodFunc
+from grpclib.const import Status
+from grpclib.events import RecvRequest, SendTrailingMetadata, listen
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.server import Server, Stream
+from prometheus_client import Counter
+
+from darktower.shared.config import HostPort
+from darktower.shared.db import DatabaseUnavailable
+from darktower.shared.logging import get_logger
+from darktower.shared.seam import run_aio
+from darktower.shared.tokens import (
+    AuthError,
+    Claims,
+    PermissionDenied,
+    TokenValidator,
+    bearer_token,
+)
+from darktower.shared.validation import InvalidArgument
+
+log = get_logger(__name__)
+
+_claims: contextvars.ContextVar[Claims] = contextvars.ContextVar("grpc_claims")
+_method: contextvars.ContextVar[str] = contextvars.ContextVar("grpc_method", default="?")
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """What a method's caller must present (SPEC §4 table)."""
+
+    audience: str
+    scope: str
+
+
+def current_claims() -> Claims:
+    """The verified claims of the RPC being handled (asyncio-flavoured code
+    running inside a handler)."""
+    return _claims.get()
+
+
+def require_subject(expected: str) -> None:
+    """Refuse the RPC unless the token's ``sub`` is ``expected``: a node may
+    only act as itself (SPEC §4)."""
+    if current_claims().sub != expected:
+        raise GRPCError(Status.PERMISSION_DENIED, "token subject does not match the request")
+
+
+class GrpcServer:
+    """Trio-flavoured lifecycle of one grpclib server hosting ``services``.
+
+    ``rpc_counter`` is a Counter labelled ``method, status``.
+    """
+
+    def __init__(
+        self,
+        services: Collection[Any],
+        *,
+        validator: TokenValidator,
+        policy: Mapping[str, Requirement],
+        rpc_counter: Counter,
+        drain_timeout_s: float = 5.0,
+    ) -> None:
+        self._services = services
+        self._validator = validator
+        self._policy = dict(policy)
+        self._rpc_counter = rpc_counter
+        self._drain_timeout_s = drain_timeout_s
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._draining = False
+
+    async def run(
+        self, bind: HostPort, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; ``started`` with the bound port once the
+        socket listens. Cancellation drains in-flight RPCs (bounded)."""
+        server = await run_aio(self._start, bind)
+        try:
+            task_status.started(_bound_port(server))
+            await trio.sleep_forever()
+        finally:
+            with trio.move_on_after(self._drain_timeout_s + 2, shield=True):
+                await run_aio(self._drain_and_close, server)
+
+    async def _start(self, bind: HostPort) -> Server:
+        # Constructed on the asyncio side: grpclib binds to the running loop.
+        server = Server(list(self._services))
+        listen(server, RecvRequest, self._on_recv_request)
+        listen(server, SendTrailingMetadata, self._on_send_trailing_metadata)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        await server.start(bind.host, bind.port, reuse_address=True)
+        return server
+
+    async def _drain_and_close(self, server: Server) -> None:
+        self._draining = True
+        # grpclib has no public "stop accepting": close the listening sockets.
+        listener: asyncio.AbstractServer | None = getattr(server, "_server", None)
+        if listener is not None:
+            listener.close()
+        assert self._idle is not None
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=self._drain_timeout_s)
+        except TimeoutError:
+            log.warning("grpc_drain_timeout", in_flight=self._in_flight)
+        server.close()
+        try:
+            await asyncio.wait_for(server.wait_closed(), timeout=1.0)
+        except TimeoutError:
+            log.warning("grpc_close_timeout")
+
+    async def _on_recv_request(self, event: RecvRequest) -> None:
+        _method.set(event.method_name)
+        if self._draining:
+            raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
+        requirement = self._policy.get(event.method_name)
+        if requirement is None:
+            raise GRPCError(Status.PERMISSION_DENIED, "method not allowed")
+        try:
+            header = event.metadata.get("authorization")
+            token = bearer_token(header if isinstance(header, str) else None)
+            claims = await self._validator.validate_asyncio(
+                token, audience=requirement.audience, scope=requirement.scope
+            )
+        except PermissionDenied as exc:
+            raise GRPCError(Status.PERMISSION_DENIED, exc.public_message) from None
+        except AuthError as exc:
+            raise GRPCError(Status.UNAUTHENTICATED, exc.public_message) from None
+        _claims.set(claims)
+        event.method_func = self._guarded(event.method_func)
+
+    def _guarded(self, method_func: IServerMethodFunc) -> IServerMethodFunc:
+        async def guarded(stream: Stream[Any, Any]) -> None:
+            assert self._idle is not None
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                await method_func(stream)
+            except (GRPCError, TimeoutError, StreamTerminatedError, ProtocolError):
+                raise  # grpclib turns these into the right status itself
+            except InvalidArgument as exc:
+                raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+            except DatabaseUnavailable:
+                raise GRPCError(Status.UNAVAILABLE, "database unavailable") from None
+            except Exception:
+                log.exception("grpc_handler_failed", method=_method.get())
+                raise GRPCError(Status.INTERNAL, "internal error") from None
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+
+        return guarded
+
+    async def _on_send_trailing_metadata(self, event: SendTrailingMetadata) -> None:
+        self._rpc_counter.labels(_method.get(), event.status.name).inc()
+
+
+def _bound_port(server: Server) -> int:
+    listener: asyncio.AbstractServer | None = getattr(server, "_server", None)
+    assert listener is not None
+    sockets = listener.sockets
+    port: int = sockets[0].getsockname()[1]
+    return port
