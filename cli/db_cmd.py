@@ -25,9 +25,13 @@ def _run_init(args: argparse.Namespace) -> int:
             "error: DATABASE_URL (or --database-url) must be a postgresql:// URL", file=sys.stderr
         )
         return 2
+    unreachable = False
     try:
         trio.run(_init, dsn)
     except* DatabaseUnavailable:
+        # `return` is not allowed inside `except*` (a SyntaxError).
+        unreachable = True
+    if unreachable:
         print("error: PostgreSQL is unreachable", file=sys.stderr)
         return 1
     print("schema applied")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from darktower.shared.config import (
@@ -71,7 +72,7 @@ DB_POOL_SIZE = Var(
 )
 LOG_LEVEL = Var("GC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", parse_log_level, "INFO")
 
-VARIABLES: tuple[Var[object], ...] = (
+VARIABLES: tuple[Var[Any], ...] = (
     DATABASE_URL, HTTP_ADDR, GRPC_ADDR, GC_ID, REGION, AUTH_JWKS, SIGNING_KEY, SERVICE_TOKEN,
     STALE_AFTER_S, HEALTH_CHECK_INTERVAL_S, FAST_HEARTBEAT_MS, COMPREHENSIVE_HEARTBEAT_MS,
     LOAD_REPORT_MS, DB_POOL_SIZE, LOG_LEVEL,

@@ -90,18 +90,20 @@ class HealthChecker:
     async def tick(self) -> SweepResult:
         now = trio.current_time()
         # Blind long enough for live nodes to look stale (or just started):
-        # they get one heartbeat interval to be heard first.
-        if now - self._last_contact >= self._blind_after_s and now >= self._grace_until:
-            self._grace_until = now + self._grace_s
-            log.info("health_check_grace", kind=self._store.kind, grace_s=self._grace_s)
+        # they get one heartbeat interval to be heard first. The grace starts
+        # only once the database answers again - nodes cannot be heard before
+        # that - so a grace is never spent (even partly) inside an outage.
+        blind = now - self._last_contact >= self._blind_after_s
         try:
-            if now < self._grace_until:
+            if blind or now < self._grace_until:
                 await self._store.ping()
+                if blind:
+                    self._grace_until = now + self._grace_s
+                    log.info("health_check_grace", kind=self._store.kind, grace_s=self._grace_s)
                 result = SweepResult(now, "grace")
             else:
                 marked = await self._store.mark_stale(self._stale_after_s)
                 result = SweepResult(now, "swept", tuple(marked))
-                await self._publish_counts()
         except DatabaseUnavailable as exc:
             log.warning("health_check_failed", kind=self._store.kind, error=str(exc))
             HEALTH_SWEEPS.labels(self._store.kind, "failed").inc()
@@ -116,9 +118,16 @@ class HealthChecker:
                 count=len(result.marked),
                 ids=",".join(result.marked),
             )
+        if result.outcome == "swept":
+            await self._publish_counts()
         return result
 
     async def _publish_counts(self) -> None:
-        counts = await self._store.count_by_health()
+        """Refresh the nodes-by-health gauge; a failure here only leaves the
+        gauge stale - it must not hide the marking that already happened."""
+        try:
+            counts = await self._store.count_by_health()
+        except DatabaseUnavailable:
+            return
         for health in ("pending", "healthy", "degraded", "unhealthy", "draining"):
             NODES_BY_HEALTH.labels(self._store.kind, health).set(counts.get(health, 0))

@@ -14,9 +14,9 @@ import re
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -158,7 +158,7 @@ def default_node_id(prefix: str) -> str:
     return f"{prefix}-{host}-{secrets.token_hex(3)}"
 
 
-def help_text(service: str, variables: list[Var[object]]) -> str:
+def help_text(service: str, variables: Sequence[Var[Any]]) -> str:
     """The ``--help`` text: every variable, its default and its meaning."""
     lines = [f"usage: {service} (configured by environment variables)", ""]
     for var in variables:

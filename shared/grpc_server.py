@@ -187,7 +187,7 @@ class GrpcServer:
 
 
 def _bound_port(server: Server) -> int:
-    listener: asyncio.AbstractServer | None = getattr(server, "_server", None)
+    listener: asyncio.Server | None = getattr(server, "_server", None)
     assert listener is not None
     sockets = listener.sockets
     port: int = sockets[0].getsockname()[1]

@@ -99,6 +99,10 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # grpclib logs every client disconnect at INFO with a traceback.
     logging.getLogger("grpclib").setLevel(logging.WARNING)
+    # hpack (under grpclib's h2) logs every header it encodes or decodes at
+    # DEBUG - `authorization: Bearer <jwt>` included - so it stays quiet
+    # whatever the service's level.
+    logging.getLogger("hpack").setLevel(logging.WARNING)
 
 
 __all__ = ["KeyValueFormatter", "StructuredLogger", "configure_logging", "get_logger"]
