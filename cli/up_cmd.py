@@ -39,10 +39,12 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> bool:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback URL we built
-                if response.status == 200:
-                    return True
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url, timeout=1) as response,  # noqa: S310 - our loopback URL
+        ):
+            if response.status == 200:
+                return True
         time.sleep(0.1)
     return False
 
@@ -87,7 +89,7 @@ def _run_up(args: argparse.Namespace) -> int:
             "GC_HTTP_ADDR": f"127.0.0.1:{http_port}",
         }
         print("starting the Global Controller ...", flush=True)
-        gc = subprocess.Popen([sys.executable, "-m", "darktower.gc"], env=env)  # noqa: S603
+        gc = subprocess.Popen([sys.executable, "-m", "darktower.gc"], env=env)
         try:
             if not _wait_ready(f"http://127.0.0.1:{http_port}/health/ready", gc):
                 print("error: the Global Controller did not become ready", file=sys.stderr)

@@ -41,6 +41,17 @@ _START_ATTEMPTS = 15
 _START_RETRY_DELAY_S = 1.0
 
 
+#: A key withdrawn from the JWKS stops being trusted within this period even
+#: if no token with an unknown ``kid`` triggers a re-fetch.
+_KEY_REFRESH_INTERVAL_S = 300.0
+
+
+async def _refresh_keys_periodically(key_store: KeyStore) -> None:
+    while True:
+        await trio.sleep(_KEY_REFRESH_INTERVAL_S)
+        await trio.to_thread.run_sync(key_store.refresh, abandon_on_cancel=True)
+
+
 @dataclass(frozen=True, slots=True)
 class GcEndpoints:
     """Where a started GC listens (ports matter when binding port 0)."""
@@ -71,7 +82,9 @@ async def run_gc(
     task_status: trio.TaskStatus[GcEndpoints] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Trio-flavoured: run the whole GC until cancelled."""
-    validator = TokenValidator(KeyStore.from_setting(",".join(config.auth_jwks)))
+    # Loading may fetch URLs (blocking, bounded): keep it off the event loop.
+    key_store = await trio.to_thread.run_sync(KeyStore, list(config.auth_jwks))
+    validator = TokenValidator(key_store)
     async with (
         asyncio_loop(),
         open_pool(
@@ -122,6 +135,7 @@ async def run_gc(
             )
             for checker in checkers:
                 await nursery.start(checker.run)
+            nursery.start_soon(_refresh_keys_periodically, key_store)
             log.info(
                 "gc_started",
                 gc_id=config.gc_id,

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
+from darktower.shared import validation
+
 T = TypeVar("T")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
@@ -124,9 +126,9 @@ def parse_node_id(raw: str) -> str:
 
 
 def parse_region(raw: str) -> str:
-    if not 1 <= len(raw) <= 50:
-        raise ValueError("1-50 characters")
-    return raw
+    """The same rule as a region on the wire: a GC serving a region no node
+    can register in would be a silent misconfiguration."""
+    return validation.region("region", raw)
 
 
 def parse_endpoint(raw: str) -> str:

@@ -1,8 +1,9 @@
 """Prometheus metrics plumbing shared by both services.
 
-Each service owns one :class:`prometheus_client.CollectorRegistry` (never the
-process-global default), so tests can run several services in one process and
-read each one's numbers independently.
+Each service owns one :class:`prometheus_client.CollectorRegistry` (never
+prometheus_client's process-global default), so the GC's ``/metrics`` shows
+only GC metrics even when an MC runs in the same process (tests). Several GCs
+in one process share the GC registry: tests compare increments.
 """
 
 from __future__ import annotations
