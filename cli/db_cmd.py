@@ -9,7 +9,7 @@ import sys
 import trio
 
 from darktower.gc.schema import apply_schema
-from darktower.shared.db import DatabaseUnavailable, open_pool
+from darktower.shared.db import DatabaseRefused, DatabaseUnavailable, open_pool
 from darktower.shared.seam import asyncio_loop, run_aio
 
 
@@ -25,14 +25,16 @@ def _run_init(args: argparse.Namespace) -> int:
             "error: DATABASE_URL (or --database-url) must be a postgresql:// URL", file=sys.stderr
         )
         return 2
-    unreachable = False
+    problem = ""
     try:
         trio.run(_init, dsn)
     except* DatabaseUnavailable:
         # `return` is not allowed inside `except*` (a SyntaxError).
-        unreachable = True
-    if unreachable:
-        print("error: PostgreSQL is unreachable", file=sys.stderr)
+        problem = "error: PostgreSQL is unreachable"
+    except* DatabaseRefused as group:
+        problem = f"error: PostgreSQL refused the connection ({group.exceptions[0]})"
+    if problem:
+        print(problem, file=sys.stderr)
         return 1
     print("schema applied")
     return 0
@@ -42,5 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     db = subparsers.add_parser("db", help="database tasks")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     init = db_sub.add_parser("init", help="apply schema.sql (idempotent, advisory-locked)")
-    init.add_argument("--database-url", help="PostgreSQL DSN (default: $DATABASE_URL)")
+    init.add_argument(
+        "--database-url",
+        help="PostgreSQL DSN (default: $DATABASE_URL, preferable when the URL holds a"
+        " password: command lines are visible to other local users)",
+    )
     init.set_defaults(func=_run_init)

@@ -114,5 +114,9 @@ def _run_up(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = subparsers.add_parser("up", help="run the local system until Ctrl-C")
-    up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    up.add_argument(
+        "--database-url",
+        help="use this PostgreSQL instead of an embedded one (default: $DATABASE_URL,"
+        " preferable when the URL holds a password)",
+    )
     up.set_defaults(func=_run_up)

@@ -10,7 +10,7 @@ import trio
 from darktower.gc.app import run_gc
 from darktower.gc.config import VARIABLES, GcConfig
 from darktower.shared.config import ConfigError, environ, fail, help_text
-from darktower.shared.db import DatabaseUnavailable
+from darktower.shared.db import DatabaseRefused, DatabaseUnavailable
 from darktower.shared.jwks import JwksError
 from darktower.shared.logging import configure_logging, get_logger
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = f"configuration error: AUTH_JWKS: {group.exceptions[0]}"
     except* DatabaseUnavailable:
         problem = "error: PostgreSQL (DATABASE_URL) is unreachable"
+    except* DatabaseRefused as group:
+        problem = f"configuration error: DATABASE_URL: connection refused ({group.exceptions[0]})"
     if problem:
         print(problem, file=sys.stderr)
         return 2 if problem.startswith("configuration") else 1

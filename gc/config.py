@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,27 @@ from darktower.shared.config import (
     parse_log_level,
     parse_node_id,
     parse_region,
-    parse_secret,
 )
+from darktower.shared.keys import KeyFileError, load_private_key
 
 
 def _parse_key_path(raw: str) -> Path:
-    path = Path(raw)
-    if not path.is_file():
-        raise ValueError("no such file")
-    return path
+    """The path, once the key in it has been loaded: a GC must not start and
+    only fail at its first join because the key file is wrong."""
+    try:
+        load_private_key(raw)
+    except KeyFileError:
+        raise ValueError("not a readable Ed25519 private key (PEM)") from None
+    return Path(raw)
+
+
+def _parse_service_token(raw: str) -> Secret:
+    """A compact JWS (three base64url parts): catches a path or a truncated
+    paste at start. Its claims are the receiving MC's business."""
+    parts = raw.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        raise ValueError("not a JWT")
+    return Secret(raw)
 
 
 def _parse_optional_id(raw: str) -> str:
@@ -43,11 +55,13 @@ HTTP_ADDR = Var("GC_HTTP_ADDR", "HTTP bind address", parse_host_port, "127.0.0.1
 GRPC_ADDR = Var("GC_GRPC_ADDR", "gRPC bind address", parse_host_port, "127.0.0.1:50051")
 GC_ID = Var("GC_ID", "this instance's id (default gc-<hostname>-<random>)", _parse_optional_id, "-")
 REGION = Var("GC_REGION", "region served", parse_region, "local")
-AUTH_JWKS = Var("AUTH_JWKS", "JWKS paths or URLs, comma-separated, merged", parse_list)
+AUTH_JWKS = Var("AUTH_JWKS", "JWKS paths or URLs, comma-separated, merged", parse_list, secret=True)
 SIGNING_KEY = Var(
     "GC_SIGNING_KEY", "Ed25519 private key (PEM path) for meeting tokens", _parse_key_path
 )
-SERVICE_TOKEN = Var("GC_SERVICE_TOKEN", "token the GC presents to MCs", parse_secret, secret=True)
+SERVICE_TOKEN = Var(
+    "GC_SERVICE_TOKEN", "token the GC presents to MCs", _parse_service_token, secret=True
+)
 STALE_AFTER_S = Var(
     "GC_STALE_AFTER_S",
     "heartbeat age (s) after which a node is unhealthy",
@@ -86,7 +100,8 @@ class GcConfig:
     grpc_addr: HostPort
     gc_id: str
     region: str
-    auth_jwks: tuple[str, ...]
+    # URLs may carry credentials (user-info, query): kept out of repr.
+    auth_jwks: tuple[str, ...] = field(repr=False)
     signing_key: Path
     service_token: Secret
     stale_after_s: float

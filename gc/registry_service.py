@@ -7,8 +7,6 @@ happened before the handler ran (:mod:`darktower.shared.grpc_server`).
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import asyncpg
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -20,7 +18,7 @@ from darktower.gc.metrics import HEARTBEATS, REGISTRATIONS
 from darktower.gc.repositories import media_handlers, meeting_controllers
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
-from darktower.shared.grpc_server import Requirement, require_subject
+from darktower.shared.grpc_server import RequestT, Requirement, recv_request, require_subject
 from darktower.shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -46,17 +44,6 @@ _LOAD_OK = HEARTBEATS.labels("mh_load_report", "ok")
 _LOAD_NOT_FOUND = HEARTBEATS.labels("mh_load_report", "not_found")
 
 
-RequestT = TypeVar("RequestT")
-ReplyT = TypeVar("ReplyT")
-
-
-async def _recv(stream: Stream[RequestT, ReplyT]) -> RequestT:
-    request = await stream.recv_message()
-    if request is None:
-        raise GRPCError(Status.INVALID_ARGUMENT, "request message is required")
-    return request
-
-
 class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
     """MC → GC: registration and heartbeats."""
 
@@ -72,7 +59,7 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
         self._comprehensive_heartbeat_ms = comprehensive_heartbeat_ms
 
     async def RegisterMC(self, stream: Stream[pb.RegisterMCRequest, pb.RegisterMCResponse]) -> None:
-        reg = req.mc_registration(await _recv(stream))
+        reg = req.mc_registration(await recv_request(stream))
         require_subject(reg.controller_id)
         await meeting_controllers.register(self._pool, reg)
         REGISTRATIONS.labels("mc").inc()
@@ -95,13 +82,13 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
     async def FastHeartbeat(
         self, stream: Stream[pb.FastHeartbeatRequest, pb.HeartbeatResponse]
     ) -> None:
-        hb = req.fast_heartbeat(await _recv(stream))
+        hb = req.fast_heartbeat(await recv_request(stream))
         await self._heartbeat(stream, hb, _FAST_OK, _FAST_NOT_FOUND)
 
     async def ComprehensiveHeartbeat(
         self, stream: Stream[pb.ComprehensiveHeartbeatRequest, pb.HeartbeatResponse]
     ) -> None:
-        hb = req.comprehensive_heartbeat(await _recv(stream))
+        hb = req.comprehensive_heartbeat(await recv_request(stream))
         await self._heartbeat(stream, hb, _COMPREHENSIVE_OK, _COMPREHENSIVE_NOT_FOUND)
 
     async def _heartbeat(
@@ -122,7 +109,7 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
     async def NotifyMeetingEnded(
         self, stream: Stream[pb.NotifyMeetingEndedRequest, pb.NotifyMeetingEndedResponse]
     ) -> None:
-        await _recv(stream)
+        await recv_request(stream)
         raise GRPCError(Status.UNIMPLEMENTED, "meeting assignment is not available yet")
 
 
@@ -134,7 +121,7 @@ class MediaHandlerRegistryService(internal_grpc.MediaHandlerRegistryServiceBase)
         self._load_report_ms = load_report_ms
 
     async def RegisterMH(self, stream: Stream[pb.RegisterMHRequest, pb.RegisterMHResponse]) -> None:
-        reg = req.mh_registration(await _recv(stream))
+        reg = req.mh_registration(await recv_request(stream))
         require_subject(reg.handler_id)
         await media_handlers.register(self._pool, reg)
         REGISTRATIONS.labels("mh").inc()
@@ -148,7 +135,7 @@ class MediaHandlerRegistryService(internal_grpc.MediaHandlerRegistryServiceBase)
     async def SendLoadReport(
         self, stream: Stream[pb.MHLoadReportRequest, pb.MHLoadReportResponse]
     ) -> None:
-        report = req.mh_load_report(await _recv(stream))
+        report = req.mh_load_report(await recv_request(stream))
         require_subject(report.handler_id)
         timestamp_ms = await media_handlers.load_report(self._pool, report)
         if timestamp_ms is None:

@@ -14,6 +14,7 @@ import re
 import secrets
 import socket
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
@@ -149,8 +150,14 @@ def parse_secret(raw: str) -> Secret:
 
 
 def parse_dsn(raw: str) -> Secret:
+    """A ``postgresql://`` URL whose parts parse (the password is never shown
+    in the error: the caller marks the variable secret)."""
     if not raw.startswith(("postgres://", "postgresql://")):
         raise ValueError("expected a postgresql:// URL")
+    try:
+        _ = urllib.parse.urlsplit(raw).port
+    except ValueError:
+        raise ValueError("malformed host or port") from None
     return Secret(raw)
 
 

@@ -38,6 +38,12 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
 
 
+class DatabaseRefused(Exception):
+    """The database answered but refused us (unknown database or role, bad
+    password, bad connection options): configuration, not an outage, so
+    retrying will not help. ``str()`` names the error class only."""
+
+
 # The explicit map of what "database down" means; everything else is a bug and
 # propagates as itself.
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -92,8 +98,12 @@ async def create_pool(
             # replaced on their next use.
             max_inactive_connection_lifetime=60.0,
         )
+    except asyncpg.exceptions.ClientConfigurationError as exc:
+        raise DatabaseRefused(type(exc).__name__) from None
     except _UNAVAILABLE_ERRORS as exc:
         raise DatabaseUnavailable(type(exc).__name__) from exc
+    except (asyncpg.PostgresError, ValueError) as exc:
+        raise DatabaseRefused(type(exc).__name__) from None
     assert pool is not None
     return pool
 

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
+from google.protobuf.message import DecodeError
 from grpclib._typing import IServerMethodFunc
 from grpclib.const import Status
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
@@ -60,6 +62,49 @@ class Requirement:
 
     audience: str
     scope: str
+
+
+#: Largest request message a server accepts. grpclib itself buffers whatever
+#: length a client announces (up to 4 GiB); our messages are a few hundred
+#: bytes, so anything near this is hostile or broken.
+MAX_REQUEST_BYTES = 64 * 1024
+
+RequestT = TypeVar("RequestT")
+ReplyT = TypeVar("ReplyT")
+
+
+async def recv_request(stream: Stream[RequestT, ReplyT]) -> RequestT:
+    """The single request message of a unary RPC, bounded and decoded.
+
+    Replaces ``stream.recv_message()``, which would buffer any announced
+    length and turn an undecodable body into INTERNAL with a traceback. Here
+    an oversized message is refused from its 5-byte prefix, before its body
+    is read, and malformed input is INVALID_ARGUMENT (SPEC §3). It reads
+    grpclib's wire framing through the stream's private attributes - pinned
+    by the grpclib version range and covered by tests.
+    """
+    h2_stream = stream._stream
+    prefix = await h2_stream.recv_data(5)
+    if len(prefix) < 5:
+        raise GRPCError(Status.INVALID_ARGUMENT, "request: message is required")
+    compressed, length = struct.unpack(">?I", prefix)
+    if compressed:
+        raise GRPCError(Status.INVALID_ARGUMENT, "request: compression is not supported")
+    if length > MAX_REQUEST_BYTES:
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED, f"request: larger than {MAX_REQUEST_BYTES} bytes"
+        )
+    body = await h2_stream.recv_data(length)
+    if len(body) != length:
+        raise GRPCError(Status.INVALID_ARGUMENT, "request: message is truncated")
+    request_type = stream._recv_type
+    try:
+        request: RequestT = request_type.FromString(body)  # type: ignore[attr-defined]
+    except DecodeError:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT, f"request: not a valid {request_type.__name__}"
+        ) from None
+    return request
 
 
 def current_claims() -> Claims:

@@ -74,7 +74,7 @@ class _Skip(Exception):
 
 
 class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
+    def read1(self, n: int = -1, /) -> bytes: ...
 
 
 def parse_sources(setting: str) -> list[str]:
@@ -108,11 +108,15 @@ def describe_source(source: str) -> str:
 def _read_capped(stream: _Readable, *, limit: int, deadline: float | None) -> bytes:
     # Read in chunks so that both the size cap and the overall deadline hold
     # even against a server that trickles bytes (urllib's timeout bounds each
-    # socket operation, not the whole response).
+    # socket operation, not the whole response). read1 returns whatever one
+    # socket read brings - read(n) would wait for all n bytes - so the
+    # deadline is checked at least once per socket timeout.
     chunks: list[bytes] = []
     total = 0
     while True:
-        chunk = stream.read(min(16 * 1024, limit + 1 - total))
+        if deadline is not None and time.monotonic() > deadline:
+            raise JwksError("timed out")
+        chunk = stream.read1(min(16 * 1024, limit + 1 - total))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
@@ -121,6 +125,18 @@ def _read_capped(stream: _Readable, *, limit: int, deadline: float | None) -> by
             raise JwksError(f"larger than {limit} bytes")
         if deadline is not None and time.monotonic() > deadline:
             raise JwksError("timed out")
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A JWKS URL is configured exactly: following a redirect would send the
+    Basic-auth credentials to whatever host it names (urllib copies headers),
+    and could downgrade https to http. A 3xx becomes an HTTPError instead."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
 def _parse_jwk(jwk: object) -> tuple[str, Ed25519PublicKey]:
@@ -212,7 +228,13 @@ class KeyStore:
         if not sources:
             raise JwksError("no JWKS source configured")
         for source in sources:
-            if _is_url(source) and urlsplit(source).scheme not in ("http", "https"):
+            if not _is_url(source):
+                continue
+            try:
+                scheme = urlsplit(source).scheme
+            except ValueError:
+                raise JwksError("invalid JWKS URL") from None
+            if scheme not in ("http", "https"):
                 raise JwksError(f"unsupported JWKS source {describe_source(source)}: not http(s)")
         self._sources = tuple(sources)
         self._clock = clock
@@ -347,5 +369,5 @@ class KeyStore:
             url, headers=headers
         )
         deadline = time.monotonic() + self._timeout
-        with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310 - as above
+        with _OPENER.open(request, timeout=self._timeout) as response:
             return _read_capped(response, limit=self._max_bytes, deadline=deadline)

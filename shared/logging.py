@@ -90,10 +90,31 @@ def get_logger(name: str) -> StructuredLogger:
     return StructuredLogger(logging.getLogger(name))
 
 
+class _LibraryTracebackFilter(logging.Filter):
+    """Keep third-party protocol libraries to one line per event.
+
+    grpclib logs a full traceback for malformed requests it rejects before
+    our code runs (e.g. bad ``-bin`` metadata): anyone who can open a
+    connection could otherwise flood the log with stack traces.
+    """
+
+    _QUIET = ("grpclib", "h2", "hpack", "hypercorn")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self._QUIET) and record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Install the key=value formatter on the root logger (stderr)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
+    handler.addFilter(_LibraryTracebackFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

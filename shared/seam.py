@@ -18,16 +18,37 @@ Nothing outside this module imports trio_asyncio.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import trio_asyncio
+
+from darktower.shared.logging import get_logger
+
+log = get_logger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 __all__ = ["asyncio_loop", "run_aio", "run_trio"]
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Log what the asyncio loop reports, and nothing more.
+
+    trio-asyncio's default handler re-raises these reports into the trio
+    nursery - which would let one malformed HTTP/2 frame (an exception inside
+    a grpclib protocol callback) take the whole service down. Only the type
+    and the loop's message are logged: the context may hold request data.
+    """
+    exc = context.get("exception")
+    log.error(
+        "asyncio_loop_error",
+        message=str(context.get("message", "")),
+        error=type(exc).__name__ if exc is not None else "",
+    )
 
 
 @asynccontextmanager
@@ -38,7 +59,8 @@ async def asyncio_loop() -> AsyncIterator[None]:
     must be created and closed inside this block; it is the outermost resource
     of a service, the way hypercorn nests its resources.
     """
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_loop_error)
         yield
 
 
