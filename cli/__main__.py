@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from darktower.cli import bench_cmd, db_cmd, keys_cmd, token_cmd
+from darktower.cli import bench_cmd, db_cmd, keys_cmd, token_cmd, up_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dt", description="Dark Tower control plane tool")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    up_cmd.add_parser(subparsers)
     keys_cmd.add_parser(subparsers)
     token_cmd.add_parser(subparsers)
     db_cmd.add_parser(subparsers)

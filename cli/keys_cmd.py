@@ -35,15 +35,18 @@ def _run_init(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    # The directory holds a private key: owner-only, like ~/.ssh.
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = generate_private_key()
     try:
+        # The directory holds a private key: owner-only, like ~/.ssh.
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         save_private_key(key, key_path, overwrite=args.force)
+        write_jwks(jwks_path, [public_jwk(key.public_key())])
     except FileExistsError:
         print(f"error: {key_path} appeared while writing; not replaced", file=sys.stderr)
         return 1
-    write_jwks(jwks_path, [public_jwk(key.public_key())])
+    except OSError as exc:
+        print(f"error: cannot write keys to {directory}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"signing key: {key_path}")
     print(f"jwks:        {jwks_path}")
     print(f"kid:         {key_id(key.public_key())}")

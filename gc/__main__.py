@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import trio
 
 from darktower.gc.app import run_gc
 from darktower.gc.config import VARIABLES, GcConfig
-from darktower.shared.config import ConfigError, environ, fail, help_text
+from darktower.shared.config import ConfigError, environ, fail, first_error, help_text
 from darktower.shared.db import DatabaseRefused, DatabaseUnavailable
 from darktower.shared.jwks import JwksError
 from darktower.shared.logging import configure_logging, get_logger
@@ -22,12 +23,18 @@ async def serve_until_signalled(config: GcConfig) -> None:
     pool within bounded time (exit status 0)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            # Watch signals before starting: SIGTERM during start-up (e.g.
+            # while waiting for PostgreSQL) must stop the GC just the same.
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
             await nursery.start(run_gc, config)
-            async for signum in signals:
-                log.info("gc_stopping", signal=signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
     log.info("gc_stopped")
+
+
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("gc_stopping", signal=signal.Signals(signum).name)
+        scope.cancel()
+        return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(serve_until_signalled, config)
     except* JwksError as group:
-        problem = f"configuration error: AUTH_JWKS: {group.exceptions[0]}"
+        problem = f"configuration error: AUTH_JWKS: {first_error(group)}"
+    except* ConfigError as group:
+        problem = f"configuration error: {first_error(group)}"
     except* DatabaseUnavailable:
         problem = "error: PostgreSQL (DATABASE_URL) is unreachable"
     except* DatabaseRefused as group:
-        problem = f"configuration error: DATABASE_URL: connection refused ({group.exceptions[0]})"
+        problem = f"configuration error: DATABASE_URL: connection refused ({first_error(group)})"
     if problem:
         print(problem, file=sys.stderr)
         return 2 if problem.startswith("configuration") else 1

@@ -133,8 +133,18 @@ class GcConfig:
             db_pool_size=DB_POOL_SIZE.read(environ),
             log_level=LOG_LEVEL.read(environ),
         )
-        if config.health_check_interval_s > config.stale_after_s:
-            raise ConfigError("GC_HEALTH_CHECK_INTERVAL_S must not exceed GC_STALE_AFTER_S")
-        if config.fast_heartbeat_ms / 1000 >= config.stale_after_s:
-            raise ConfigError("GC_FAST_HEARTBEAT_MS must be shorter than GC_STALE_AFTER_S")
+        # The health checker's safety argument (gc/health_checker.py): a live
+        # node is never older than one report interval, and the checker's own
+        # blind spot (1.5 ticks) must leave that interval inside the threshold.
+        for name, interval_ms in (
+            ("GC_FAST_HEARTBEAT_MS", config.fast_heartbeat_ms),
+            ("GC_LOAD_REPORT_MS", config.load_report_ms),
+        ):
+            if interval_ms / 1000 >= config.stale_after_s:
+                raise ConfigError(f"{name} must be shorter than GC_STALE_AFTER_S")
+            if 1.5 * config.health_check_interval_s > config.stale_after_s - interval_ms / 1000:
+                raise ConfigError(
+                    "GC_HEALTH_CHECK_INTERVAL_S is too long: 1.5 x it plus "
+                    f"{name} must not exceed GC_STALE_AFTER_S"
+                )
         return config

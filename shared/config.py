@@ -23,12 +23,25 @@ from darktower.shared import validation
 
 T = TypeVar("T")
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
-
 
 class ConfigError(Exception):
     """One configuration variable is missing or invalid; the message names it
     and never contains the offending value when that value may be secret."""
+
+
+class ListenError(ConfigError):
+    """A server could not bind its configured address (in use, not local,
+    no permission): a configuration problem the operator must see as one
+    line naming the address, not a traceback."""
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf exception of a (possibly nested) exception group: what a
+    ``main`` reports when start-up fails inside a nursery."""
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 class Secret:
@@ -121,21 +134,13 @@ def parse_float_range(lo: float, hi: float) -> Callable[[str], float]:
 
 
 def parse_node_id(raw: str) -> str:
-    if not _ID_RE.match(raw):
-        raise ValueError("1-255 characters of letters, digits, '-' and '_'")
-    return raw
+    return validation.node_id("id", raw)
 
 
 def parse_region(raw: str) -> str:
     """The same rule as a region on the wire: a GC serving a region no node
     can register in would be a silent misconfiguration."""
     return validation.region("region", raw)
-
-
-def parse_endpoint(raw: str) -> str:
-    if not raw.startswith(("http://", "https://")) or len(raw) > 255:
-        raise ValueError("1-255 characters starting with http:// or https://")
-    return raw
 
 
 def parse_list(raw: str) -> tuple[str, ...]:

@@ -31,8 +31,6 @@ DEFAULT_COMMAND_TIMEOUT_S = 5.0
 #: Bounded connect so that a database outage turns into a fast UNAVAILABLE.
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 
-Pool = asyncpg.Pool
-
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
@@ -152,4 +150,6 @@ async def open_pool(
 @translate_errors
 async def ping(pool: asyncpg.Pool) -> None:
     """Asyncio-flavoured: a round trip to PostgreSQL (readiness, grace ticks)."""
-    await pool.fetchval("SELECT 1", timeout=DEFAULT_CONNECT_TIMEOUT_S)
+    # Bounded twice: waiting for a free connection, then the query itself.
+    async with pool.acquire(timeout=DEFAULT_CONNECT_TIMEOUT_S) as con:
+        await con.fetchval("SELECT 1", timeout=DEFAULT_CONNECT_TIMEOUT_S)

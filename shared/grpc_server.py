@@ -37,7 +37,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Server, Stream
 from prometheus_client import Counter
 
-from darktower.shared.config import HostPort
+from darktower.shared.config import HostPort, ListenError
 from darktower.shared.db import DatabaseUnavailable
 from darktower.shared.logging import get_logger
 from darktower.shared.seam import run_aio
@@ -149,7 +149,10 @@ class GrpcServer:
     ) -> None:
         """Serve until cancelled; ``started`` with the bound port once the
         socket listens. Cancellation drains in-flight RPCs (bounded)."""
-        server = await run_aio(self._start, bind)
+        try:
+            server = await run_aio(self._start, bind)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {bind} ({exc.strerror or exc})") from None
         try:
             task_status.started(_bound_port(server))
             await trio.sleep_forever()
@@ -201,7 +204,11 @@ class GrpcServer:
             raise GRPCError(Status.PERMISSION_DENIED, exc.public_message) from None
         except AuthError as exc:
             raise GRPCError(Status.UNAUTHENTICATED, exc.public_message) from None
+        if self._draining:  # the drain began while the token was validated
+            raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
         _claims.set(claims)
+        # No await between here and the handler's first line, where it counts
+        # itself in flight: a drain cannot slip in between.
         event.method_func = self._guarded(event.method_func)
 
     def _guarded(self, method_func: IServerMethodFunc) -> IServerMethodFunc:

@@ -9,7 +9,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
-from darktower.shared.config import HostPort
+from darktower.shared.config import HostPort, ListenError, first_error
 
 
 async def run_http(
@@ -34,5 +34,10 @@ async def run_http(
         await serve(app, config, task_status=task_status, mode="asgi")
 
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(start)
+        try:
+            binds: list[str] = await nursery.start(start)
+        except* OSError as group:
+            exc = first_error(group)
+            reason = exc.strerror if isinstance(exc, OSError) else None
+            raise ListenError(f"cannot listen on {bind} ({reason or exc})") from None
         task_status.started(int(binds[0].rsplit(":", 1)[1]))

@@ -51,11 +51,3 @@ def timed(
         return wrapper
 
     return decorate
-
-
-def sample_value(
-    registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None
-) -> float:
-    """One sample's value (0.0 when absent): for tests and ``dt status``."""
-    value = registry.get_sample_value(name, labels or {})
-    return 0.0 if value is None else value

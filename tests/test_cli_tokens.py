@@ -96,6 +96,16 @@ def test_keys_init_refuses_when_only_the_jwks_exists(
     assert not (tmp_path / "signing_key.pem").exists()
 
 
+def test_keys_init_into_an_unusable_directory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    assert dt("keys", "init", "--dir", str(tmp_path / "file" / "keys")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write keys")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("argv", "audience", "scope", "subject"),
     [

@@ -1,0 +1,251 @@
+"""Child processes of a benchmark, CPU accounting and the machine's facts.
+
+Every process a bench starts is a :class:`Child`: its output goes to a log
+file (or a pipe read by a thread, for the JSON lines it reports), every wait
+on it is bounded, and :meth:`Child.stop` always ends it (SIGTERM, then
+SIGKILL). Children start in their own session so that a Ctrl-C reaches only
+the bench, which then stops them in order instead of racing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+_STOP_GRACE_S = 10.0
+_LOG_TAIL_CHARS = 3000
+
+
+class BenchError(RuntimeError):
+    """The bench could not run (a process failed to start or misbehaved)."""
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for the GC's addresses,
+    which are given to it rather than chosen by it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Child:
+    """A started process; ``lines`` yields the JSON objects it prints on stdout
+    when started with ``json_stdout=True``."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+
+    @classmethod
+    def start(
+        cls,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        log_dir: Path,
+        json_stdout: bool = False,
+    ) -> Child:
+        log_path = log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if json_stdout else log,
+                stderr=log,
+                start_new_session=True,
+            )
+        child = cls(name, proc, log_path)
+        if json_stdout:
+            threading.Thread(target=child._read_lines, name=f"{name}-stdout", daemon=True).start()
+        return child
+
+    def _read_lines(self) -> None:
+        # The pipe is closed here, at end of file, never from another thread
+        # while this one may be reading it.
+        assert self.proc.stdout is not None
+        with self.proc.stdout as stream:
+            for raw in stream:
+                with contextlib.suppress(ValueError):
+                    value = json.loads(raw)
+                    if isinstance(value, dict):
+                        self._lines.put(value)
+        self._lines.put(None)
+
+    def next_line(self, deadline: float) -> dict[str, Any]:
+        """The next JSON object printed, waiting until ``deadline`` (monotonic)."""
+        try:
+            value = self._lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            raise BenchError(f"{self.name} did not report in time\n{self.log_tail()}") from None
+        if value is None:
+            self.proc.wait(timeout=_STOP_GRACE_S)
+            raise BenchError(
+                f"{self.name} exited with status {self.proc.returncode}\n{self.log_tail()}"
+            )
+        return value
+
+    def log_tail(self) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return f"--- {self.name} log (end) ---\n{text[-_LOG_TAIL_CHARS:] or '(empty)'}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait up to a grace period, then SIGKILL; the exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=_STOP_GRACE_S)
+        return self.proc.returncode
+
+
+def wait_http_ok(child: Child, url: str, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200 (bounded), failing early if the
+    process exits: a GC that cannot start must not cost the whole timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(
+                f"{child.name} exited with status {child.proc.returncode} while starting\n"
+                f"{child.log_tail()}"
+            )
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),
+            urllib.request.urlopen(url, timeout=1.0) as response,  # noqa: S310 - loopback
+        ):
+            if response.status == 200:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{child.name} not ready after {timeout_s:.0f} s\n{child.log_tail()}")
+
+
+# --------------------------------------------------------------------------
+# CPU accounting over the measured window
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """CPU seconds used so far by the server, the load generator and every
+    PostgreSQL process, and the machine's busy/total seconds."""
+
+    at: float
+    server: float
+    loadgen: float
+    postgres: float
+    machine_busy: float
+    machine_total: float
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def _postgres_cpu() -> float:
+    """All processes named ``postgres`` (the postmaster and every backend):
+    the database is on this machine and competes for the same two cores."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        if proc.info["name"] == "postgres" and proc.info["cpu_times"] is not None:
+            total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return total
+
+
+def cpu_sample(server_pid: int, loadgen_pid: int) -> CpuSample:
+    machine = psutil.cpu_times()
+    idle = machine.idle + getattr(machine, "iowait", 0.0)
+    total = sum(machine)
+    return CpuSample(
+        at=time.monotonic(),
+        server=_process_cpu(server_pid),
+        loadgen=_process_cpu(loadgen_pid),
+        postgres=_postgres_cpu(),
+        machine_busy=total - idle,
+        machine_total=total,
+    )
+
+
+def cpu_usage(before: CpuSample, after: CpuSample, calls: int) -> dict[str, float | None]:
+    """Utilisation over the window (100 = one core fully busy; the machine
+    figure is of all cores) and the server's CPU time per call - the cost that
+    does not depend on how busy the other processes kept the cores."""
+    wall = after.at - before.at
+    machine_total = after.machine_total - before.machine_total
+    if wall <= 0 or machine_total <= 0:
+        return {}
+    server = 100 * (after.server - before.server) / wall
+    loadgen = 100 * (after.loadgen - before.loadgen) / wall
+    postgres = 100 * (after.postgres - before.postgres) / wall
+    machine = 100 * (after.machine_busy - before.machine_busy) / machine_total
+    cores = os.cpu_count() or 1
+    return {
+        "server_pct": server,
+        "loadgen_pct": loadgen,
+        "postgres_pct": postgres,
+        "machine_pct": machine,
+        # Kernel work on no process's account (loopback TCP) and, above all,
+        # anything else running on the machine: large values mean noise.
+        "other_pct": max(machine * cores - server - loadgen - postgres, 0.0),
+        "server_us_per_call": (after.server - before.server) * 1e6 / calls if calls else None,
+    }
+
+
+# --------------------------------------------------------------------------
+# The machine
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_facts() -> dict[str, object]:
+    """What a reader needs to compare two runs (SPEC §10: each bench prints
+    the machine it ran on). PostgreSQL's facts are added by the caller.
+
+    ``busy_before_pct`` is how busy the cores were in the second before the
+    bench started: on a two-core machine anything else running skews every
+    figure, and the reader must be able to tell."""
+    return {
+        "busy_before_pct": psutil.cpu_percent(interval=1.0),
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(terse=True),
+    }

@@ -1,0 +1,161 @@
+"""Targets, the printed table and the JSON figures of a bench run.
+
+A bench is a measurement: a missed target is printed as FAIL, loudly, but
+the command still succeeds - the figures are the product, and the targets
+(from the issues) are judged by people reading them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+#: Above this, the report warns that the machine was not idle.
+_BUSY_WARNING_PCT = 10.0
+#: At or above this, a process (or the machine) is taken to be the bottleneck.
+_SATURATED_PCT = 90.0
+#: CPU outside the bench's own processes worth mentioning (% of one core).
+_OTHER_WARNING_PCT = 25.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One bar from the issue: ``value`` compared with ``bound``."""
+
+    name: str
+    value: float | None
+    bound: float
+    at_least: bool
+    unit: str
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None:
+            return False
+        return self.value >= self.bound if self.at_least else self.value <= self.bound
+
+    def line(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        relation = ">=" if self.at_least else "<="
+        shown = "n/a" if self.value is None else f"{self.value:,.2f}"
+        return f"  {verdict}  {self.name} {relation} {self.bound:g} {self.unit}: {shown}"
+
+
+@dataclass(frozen=True, slots=True)
+class SystemRow:
+    """One system's line of the table (the load generator's result plus the
+    CPU accounting of the measured window)."""
+
+    key: str
+    label: str
+    result: Mapping[str, Any]
+    cpu: Mapping[str, float | None]
+
+    @property
+    def throughput(self) -> float:
+        return float(self.result.get("throughput", 0.0))
+
+    @property
+    def errors(self) -> int:
+        return sum(int(n) for n in dict(self.result.get("errors", {})).values())
+
+
+def _num(value: object, fmt: str) -> str:
+    return "-" if not isinstance(value, int | float) else format(value, fmt)
+
+
+def render(
+    *,
+    title: str,
+    machine: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    rows: Sequence[SystemRow],
+    extra_lines: Sequence[str],
+    targets: Sequence[Target],
+) -> str:
+    """The human-readable report (plain text, fixed-width)."""
+    pg = machine.get("postgresql", {})
+    pg_settings = pg.get("settings", {})
+    out = [
+        f"dt bench {title}",
+        "",
+        f"machine    {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB; {machine['implementation']} {machine['python']}; "
+        f"{machine['busy_before_pct']:.0f}% busy before the run",
+        f"postgres   {pg.get('version', '?')} at {pg.get('where', '?')} "
+        f"(fsync={pg_settings.get('fsync', '?')}, "
+        f"synchronous_commit={pg_settings.get('synchronous_commit', '?')})",
+        "libraries  " + ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items()),
+        "load       " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        "",
+    ]
+    if machine["busy_before_pct"] > _BUSY_WARNING_PCT:
+        out += [
+            f"WARNING: the machine was {machine['busy_before_pct']:.0f}% busy before the run: "
+            "other processes compete for the cores and every figure below is skewed.",
+            "",
+        ]
+    header = (
+        f"{'system':<44}{'hb/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'srv µs/hb':>11}{'srv CPU%':>10}{'gen CPU%':>10}{'pg CPU%':>9}{'all CPU%':>10}"
+    )
+    out += [header, "-" * len(header)]
+    for row in rows:
+        latency = row.result.get("latency_ms", {})
+        out.append(
+            f"{row.label:<44}{_num(row.throughput, ',.1f'):>9}"
+            f"{_num(latency.get('p50'), '.2f'):>9}{_num(latency.get('p95'), '.2f'):>9}"
+            f"{_num(latency.get('p99'), '.2f'):>9}{row.errors:>8}"
+            f"{_num(row.cpu.get('server_us_per_call'), ',.0f'):>11}"
+            f"{_num(row.cpu.get('server_pct'), '.0f'):>10}"
+            f"{_num(row.cpu.get('loadgen_pct'), '.0f'):>10}"
+            f"{_num(row.cpu.get('postgres_pct'), '.0f'):>9}"
+            f"{_num(row.cpu.get('machine_pct'), '.0f'):>10}"
+        )
+    out += [
+        "(CPU% over the measured window: 100 = one core busy; 'all' is of every core.",
+        " srv µs/hb = server CPU time per heartbeat, the cost least dependent on contention.)",
+        *_saturation_notes(rows),
+        "",
+        *extra_lines,
+        "",
+        "targets",
+        *(target.line() for target in targets),
+    ]
+    return "\n".join(out)
+
+
+def _saturation_notes(rows: Sequence[SystemRow]) -> list[str]:
+    """Say when a figure is bounded by something other than the server."""
+    notes = []
+    for row in rows:
+        generator = row.cpu.get("loadgen_pct")
+        machine = row.cpu.get("machine_pct")
+        other = row.cpu.get("other_pct")
+        if other is not None and other >= _OTHER_WARNING_PCT:
+            notes.append(
+                f"note: {row.label}: {other:.0f}% of a core went to other processes and the "
+                "kernel during the window (noise)"
+            )
+        if generator is not None and generator >= _SATURATED_PCT:
+            notes.append(
+                f"note: {row.label}: the load generator used {generator:.0f}% of a core - "
+                "the throughput is a lower bound"
+            )
+        elif machine is not None and machine >= _SATURATED_PCT:
+            notes.append(
+                f"note: {row.label}: all cores were {machine:.0f}% busy - server, load "
+                "generator and PostgreSQL shared them (compare srv µs/hb)"
+            )
+    return notes
+
+
+def write_json(path: Path, figures: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(figures, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def target_figures(targets: Sequence[Target]) -> list[dict[str, Any]]:
+    return [{**asdict(target), "passed": target.passed} for target in targets]

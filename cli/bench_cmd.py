@@ -1,0 +1,158 @@
+"""``dt bench ...``: the benchmarks of SPEC §10.
+
+Each benchmark is one subcommand registered by a small function here, so
+adding ``join``, ``assign`` or ``all`` is one more ``_add_*`` call; the work
+itself lives in :mod:`darktower.cli.bench`. Options shared by every
+benchmark (database, duration, JSON output) are declared once in
+:func:`_common_options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from darktower.cli.bench.heartbeats import HeartbeatOptions, run_heartbeats
+
+if TYPE_CHECKING:  # subscriptable for type checkers only
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _database_url(text: str) -> str:
+    if not text.startswith(("postgres://", "postgresql://")):
+        raise argparse.ArgumentTypeError("must be a postgresql:// URL")
+    return text
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        type=_database_url,
+        default=None,
+        help="PostgreSQL server DSN; the bench creates and drops its own database there "
+        "(default: $DATABASE_URL, else an embedded server)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="measured seconds (10)",
+    )
+    parser.add_argument(
+        "--warmup", type=_seconds, default=2.0, metavar="S", help="discarded seconds first (2)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON"
+    )
+
+
+def _database_from(args: argparse.Namespace) -> str | None:
+    url: str | None = args.database_url or os.environ.get("DATABASE_URL") or None
+    return url
+
+
+def _run_heartbeats(args: argparse.Namespace) -> int:
+    return run_heartbeats(
+        HeartbeatOptions(
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            concurrency=args.concurrency,
+            channels=args.channels,
+            mcs=args.mcs,
+            database_url=_database_from(args),
+            json_path=args.json,
+            pool_size=args.pool_size,
+            trio_floor=not args.no_trio_floor,
+            health_mcs=args.health_mcs,
+            health_runs=args.health_runs,
+        )
+    )
+
+
+def _add_heartbeats(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "heartbeats",
+        help="one GC process's FastHeartbeat throughput and latency, against the floor",
+        description=(
+            "Start a GC, register --mcs MCs through it, drive FastHeartbeat closed-loop from a "
+            "separate load-generator process over real gRPC, then do the same against the floor "
+            "(a bare grpclib server running the same UPDATE through asyncpg), and time the "
+            "health checker's statement over --health-mcs MCs. Prints heartbeats/s, "
+            "P50/P95/P99, the GC/floor ratio and the targets; exit 0 even when a target is "
+            "missed."
+        ),
+    )
+    _common_options(parser)
+    parser.add_argument(
+        "--concurrency", type=_positive_int, default=64, metavar="C", help="workers (64)"
+    )
+    parser.add_argument(
+        "--channels", type=_positive_int, default=4, metavar="K", help="HTTP/2 connections (4)"
+    )
+    parser.add_argument(
+        "--mcs", type=_positive_int, default=1000, metavar="N", help="registered MCs (1000)"
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="PostgreSQL pool of the GC and the floor (10, the GC's default)",
+    )
+    parser.add_argument(
+        "--health-mcs",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="fleet size for the health-check statement (10000)",
+    )
+    parser.add_argument(
+        "--health-runs",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="timed runs of the health-check statement (20)",
+    )
+    parser.add_argument(
+        "--no-trio-floor",
+        action="store_true",
+        help="skip the second floor (the bare server under trio-asyncio)",
+    )
+    parser.set_defaults(func=_run_heartbeats)
+
+
+def add_parser(subparsers: SubParsers) -> None:
+    """Register ``dt bench`` and its benchmarks."""
+    bench = subparsers.add_parser("bench", help="benchmarks (SPEC §10)")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    _add_heartbeats(sub)
