@@ -1,11 +1,15 @@
 """The registry's gRPC services (SPEC §6.1): asyncio-flavoured grpclib handlers.
 
 A heartbeat never crosses into trio: the handler validates, checks the caller
-is the node it speaks for, and runs one asyncpg statement. Authentication
-happened before the handler ran (:mod:`darktower.shared.grpc_server`).
+is the node it speaks for, and hands the update to the heartbeat batcher,
+which writes concurrent heartbeats in one statement
+(:mod:`darktower.gc.heartbeat_batcher`). Authentication happened before the
+handler ran (:mod:`darktower.shared.grpc_server`).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import asyncpg
 from grpclib.const import Status
@@ -14,6 +18,7 @@ from grpclib.server import Stream
 from prometheus_client import Counter
 
 from darktower.gc import registry_requests as req
+from darktower.gc.heartbeat_batcher import HeartbeatBatcher
 from darktower.gc.metrics import HEARTBEATS, REGISTRATIONS
 from darktower.gc.repositories import media_handlers, meeting_controllers
 from darktower.protos import internal_grpc
@@ -55,6 +60,7 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
         comprehensive_heartbeat_ms: int,
     ) -> None:
         self._pool = pool
+        self._heartbeats = HeartbeatBatcher(partial(meeting_controllers.heartbeat_batch, pool))
         self._fast_heartbeat_ms = fast_heartbeat_ms
         self._comprehensive_heartbeat_ms = comprehensive_heartbeat_ms
 
@@ -99,7 +105,7 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
         not_found: Counter,
     ) -> None:
         require_subject(hb.controller_id)
-        timestamp_ms = await meeting_controllers.heartbeat(self._pool, hb)
+        timestamp_ms = await self._heartbeats.write(hb)
         if timestamp_ms is None:
             not_found.inc()
             raise GRPCError(Status.NOT_FOUND, "controller is not registered")

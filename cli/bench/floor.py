@@ -101,11 +101,16 @@ class FloorService(internal_grpc.GlobalControllerServiceBase):
         raise GRPCError(Status.UNIMPLEMENTED)
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """As ``darktower.shared.db.keep_session``: no reset query on release."""
+
+
 async def _start(dsn: str, pool_size: int) -> tuple[Server, asyncpg.Pool]:
     """Asyncio-flavoured: the pool with the GC's settings, then the listening
     server. The settings mirror :func:`darktower.shared.db.create_pool` (min
-    2, max ``pool_size``, 5 s statement timeout, asyncpg's default reset on
-    release); that module cannot be imported here (it loads the seam), so a
+    2, max ``pool_size``, 5 s statement timeout, no reset query on release:
+    the floor gets every pool setting the GC has, so the ratio is the cost of
+    the service alone); that module cannot be imported here (it loads the seam), so a
     change there must be made here too or the floor stops being comparable."""
     pool = await asyncpg.create_pool(
         dsn,
@@ -114,6 +119,7 @@ async def _start(dsn: str, pool_size: int) -> tuple[Server, asyncpg.Pool]:
         command_timeout=5.0,
         timeout=2.0,
         max_inactive_connection_lifetime=60.0,
+        reset=_keep_session,
     )
     assert pool is not None
     server = Server([FloorService(pool, fast_heartbeat_sql())])

@@ -6,6 +6,7 @@ clock, so GCs with skewed clocks agree (SPEC §6.2).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -70,6 +71,24 @@ WHERE controller_id = $1
 RETURNING (extract(epoch FROM now()) * 1000)::bigint
 """
 
+# Many heartbeats in one statement (gc/heartbeat_batcher.py). Fast heartbeats
+# carry no cpu/memory (NULL in the arrays): the stored values stay.
+_HEARTBEAT_BATCH = """
+UPDATE meeting_controllers AS mc SET
+    current_meetings = b.current_meetings,
+    current_participants = b.current_participants,
+    health_status = b.health_status,
+    cpu_usage_percent = coalesce(b.cpu_usage_percent, mc.cpu_usage_percent),
+    memory_usage_percent = coalesce(b.memory_usage_percent, mc.memory_usage_percent),
+    last_heartbeat_at = now(),
+    updated_at = now()
+FROM unnest($1::text[], $2::integer[], $3::integer[], $4::text[], $5::real[], $6::real[])
+    AS b(controller_id, current_meetings, current_participants, health_status,
+         cpu_usage_percent, memory_usage_percent)
+WHERE mc.controller_id = b.controller_id
+RETURNING mc.controller_id, (extract(epoch FROM now()) * 1000)::bigint
+"""
+
 _MARK_STALE_UNHEALTHY = """
 UPDATE meeting_controllers SET health_status = 'unhealthy', updated_at = now()
 WHERE health_status IN ('pending', 'healthy', 'degraded')
@@ -106,6 +125,10 @@ async def register(pool: asyncpg.Pool, reg: McRegistration) -> None:
 async def heartbeat(pool: asyncpg.Pool, hb: McHeartbeat) -> int | None:
     """Record a heartbeat; the database time in ms, or ``None`` when the MC is
     not registered (the caller answers NOT_FOUND so the MC re-registers)."""
+    return await _heartbeat_one(pool, hb)
+
+
+async def _heartbeat_one(pool: asyncpg.Pool, hb: McHeartbeat) -> int | None:
     if hb.cpu_usage_percent is None or hb.memory_usage_percent is None:
         result: int | None = await pool.fetchval(
             _FAST_HEARTBEAT, hb.controller_id, hb.current_meetings, hb.current_participants,
@@ -117,6 +140,34 @@ async def heartbeat(pool: asyncpg.Pool, hb: McHeartbeat) -> int | None:
             hb.current_participants, hb.health, hb.cpu_usage_percent, hb.memory_usage_percent,
         )  # fmt: skip
     return result
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mc_heartbeat_batch")
+async def heartbeat_batch(pool: asyncpg.Pool, heartbeats: Sequence[McHeartbeat]) -> dict[str, int]:
+    """Record many heartbeats (distinct ids) in one statement; the database
+    time in ms of each id that is registered (absent ids are not).
+
+    Batches from several GCs, or a batch and the health checker's sweep, may
+    lock rows in different orders; PostgreSQL then aborts one of them as a
+    deadlock. A heartbeat is idempotent, so that one is simply run again.
+    """
+    args = (
+        [hb.controller_id for hb in heartbeats],
+        [hb.current_meetings for hb in heartbeats],
+        [hb.current_participants for hb in heartbeats],
+        [hb.health for hb in heartbeats],
+        [hb.cpu_usage_percent for hb in heartbeats],
+        [hb.memory_usage_percent for hb in heartbeats],
+    )
+    for attempt in (1, 2):
+        try:
+            rows = await pool.fetch(_HEARTBEAT_BATCH, *args)
+            break
+        except asyncpg.exceptions.DeadlockDetectedError:
+            if attempt == 2:
+                raise
+    return {row[0]: row[1] for row in rows}
 
 
 @translate_errors
