@@ -8,7 +8,7 @@ listen and the schema is in place.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -28,7 +28,7 @@ from darktower.gc.schema import apply_schema
 from darktower.shared.db import open_pool, ping
 from darktower.shared.grpc_server import GrpcServer
 from darktower.shared.http_server import run_http
-from darktower.shared.jwks import KeyStore
+from darktower.shared.jwks import JwksError, KeyStore
 from darktower.shared.logging import get_logger
 from darktower.shared.seam import asyncio_loop, run_aio
 from darktower.shared.tokens import TokenValidator
@@ -50,6 +50,19 @@ async def _refresh_keys_periodically(key_store: KeyStore) -> None:
     while True:
         await trio.sleep(_KEY_REFRESH_INTERVAL_S)
         await trio.to_thread.run_sync(key_store.refresh, abandon_on_cancel=True)
+
+
+#: Bound on loading the JWKS at start. Each read of a URL is bounded, but a
+#: server trickling its response headers could stretch the whole fetch.
+_KEY_LOAD_TIMEOUT_S = 15.0
+
+
+async def load_key_store(sources: Sequence[str]) -> KeyStore:
+    """Load the JWKS off the event loop (file reads and URL fetches block),
+    failing with :class:`JwksError` rather than hanging the start."""
+    with trio.move_on_after(_KEY_LOAD_TIMEOUT_S):
+        return await trio.to_thread.run_sync(KeyStore, list(sources), abandon_on_cancel=True)
+    raise JwksError(f"not loaded within {_KEY_LOAD_TIMEOUT_S:.0f} s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +95,7 @@ async def run_gc(
     task_status: trio.TaskStatus[GcEndpoints] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Trio-flavoured: run the whole GC until cancelled."""
-    # Loading may fetch URLs (blocking, bounded): keep it off the event loop.
-    key_store = await trio.to_thread.run_sync(KeyStore, list(config.auth_jwks))
+    key_store = await load_key_store(config.auth_jwks)
     validator = TokenValidator(key_store)
     async with (
         asyncio_loop(),

@@ -58,6 +58,19 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     # Contention that outlasted its retry: transient, so "try again".
     asyncpg.exceptions.DeadlockDetectedError,
+    # At run time (a reconnect after the database was dropped or the role
+    # revoked) the caller can only be told "unavailable"; at start the same
+    # errors mean misconfiguration (see _REFUSED_AT_START).
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+)
+
+#: Errors that at connect time mean "wrong settings", not "down": no retry.
+_REFUSED_AT_START: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidPasswordError,
 )
 
 
@@ -110,7 +123,7 @@ async def create_pool(
             max_inactive_connection_lifetime=60.0,
             reset=keep_session,
         )
-    except asyncpg.exceptions.ClientConfigurationError as exc:
+    except _REFUSED_AT_START as exc:
         raise DatabaseRefused(type(exc).__name__) from None
     except _UNAVAILABLE_ERRORS as exc:
         raise DatabaseUnavailable(type(exc).__name__) from exc

@@ -68,6 +68,8 @@ class Requirement:
 #: length a client announces (up to 4 GiB); our messages are a few hundred
 #: bytes, so anything near this is hostile or broken.
 MAX_REQUEST_BYTES = 64 * 1024
+#: How long a client may take to deliver its (small) request message.
+REQUEST_READ_TIMEOUT_S = 5.0
 
 RequestT = TypeVar("RequestT")
 ReplyT = TypeVar("ReplyT")
@@ -83,6 +85,16 @@ async def recv_request(stream: Stream[RequestT, ReplyT]) -> RequestT:
     grpclib's wire framing through the stream's private attributes - pinned
     by the grpclib version range and covered by tests.
     """
+    try:
+        async with asyncio.timeout(REQUEST_READ_TIMEOUT_S):
+            return await _recv_request(stream)
+    except TimeoutError:
+        # A client that announces a body and never sends it must not hold a
+        # handler (and the drain) for as long as it likes.
+        raise GRPCError(Status.DEADLINE_EXCEEDED, "request: not received in time") from None
+
+
+async def _recv_request(stream: Stream[RequestT, ReplyT]) -> RequestT:
     h2_stream = stream._stream
     prefix = await h2_stream.recv_data(5)
     if len(prefix) < 5:
@@ -120,6 +132,18 @@ def require_subject(expected: str) -> None:
         raise GRPCError(Status.PERMISSION_DENIED, "token subject does not match the request")
 
 
+@dataclass(frozen=True, slots=True)
+class GrpcServerStatistics:
+    """What :meth:`GrpcServer.statistics` reports (for metrics and tests)."""
+
+    #: RPCs past authentication whose handler is running now.
+    in_flight: int
+    #: The most that were ever in flight at once (since construction).
+    peak_in_flight: int
+    #: Whether shutdown has begun (new RPCs are refused).
+    draining: bool
+
+
 class GrpcServer:
     """Trio-flavoured lifecycle of one grpclib server hosting ``services``.
 
@@ -141,8 +165,12 @@ class GrpcServer:
         self._rpc_counter = rpc_counter
         self._drain_timeout_s = drain_timeout_s
         self._in_flight = 0
+        self._peak_in_flight = 0
         self._idle: asyncio.Event | None = None
         self._draining = False
+
+    def statistics(self) -> GrpcServerStatistics:
+        return GrpcServerStatistics(self._in_flight, self._peak_in_flight, self._draining)
 
     async def run(
         self, bind: HostPort, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -215,6 +243,7 @@ class GrpcServer:
         async def guarded(stream: Stream[Any, Any]) -> None:
             assert self._idle is not None
             self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
             self._idle.clear()
             try:
                 await method_func(stream)

@@ -25,6 +25,14 @@ def _is_secret(name: str) -> bool:
     return any(marker in lowered for marker in _SECRET_MARKERS)
 
 
+_PROTOCOL_LIBRARIES = ("grpclib", "h2", "hpack", "hypercorn")
+
+
+def _is_protocol_library(logger_name: str) -> bool:
+    root = logger_name.partition(".")[0]
+    return root in _PROTOCOL_LIBRARIES
+
+
 def _render_value(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     if text == "" or any(c in text for c in ' ="\n'):
@@ -49,6 +57,13 @@ class KeyValueFormatter(logging.Formatter):
         for name, value in fields.items():
             shown = "***" if _is_secret(name) else _render_value(value)
             parts.append(f"{name}={shown}")
+        if record.exc_info and _is_protocol_library(record.name):
+            # grpclib logs a full traceback for malformed requests it rejects
+            # before our code runs (e.g. bad ``-bin`` metadata): anyone who
+            # can open a connection could flood the log with stack traces.
+            # Our own code's tracebacks (bugs) stay.
+            parts.append(f"error={type(record.exc_info[1]).__name__}")
+            return " ".join(parts)
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -90,31 +105,10 @@ def get_logger(name: str) -> StructuredLogger:
     return StructuredLogger(logging.getLogger(name))
 
 
-class _LibraryTracebackFilter(logging.Filter):
-    """Keep third-party protocol libraries to one line per event.
-
-    grpclib logs a full traceback for malformed requests it rejects before
-    our code runs (e.g. bad ``-bin`` metadata): anyone who can open a
-    connection could otherwise flood the log with stack traces.
-    """
-
-    _QUIET = ("grpclib", "h2", "hpack", "hypercorn")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith(self._QUIET) and record.exc_info:
-            exc = record.exc_info[1]
-            record.msg = f"{record.getMessage()} ({type(exc).__name__})"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
 def configure_logging(level: str = "INFO") -> None:
     """Install the key=value formatter on the root logger (stderr)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
-    handler.addFilter(_LibraryTracebackFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -64,7 +64,7 @@ from grpclib.exceptions import GRPCError
 from darktower.gc.config import VARIABLES, GcConfig
 from darktower.gc.repositories import meeting_controllers
 from darktower.protos import internal_pb2 as pb
-from darktower.shared import db
+from darktower.shared import db, grpc_server
 from darktower.shared.config import ConfigError
 from darktower.shared.devstack import dsn_for_database
 from darktower.shared.jwks import JwksError, KeyStore
@@ -308,6 +308,21 @@ async def test_an_oversized_message_is_refused_from_its_prefix_before_its_body(
     )
     assert response.grpc_status is Status.RESOURCE_EXHAUSTED, response
     assert response.grpc_message == f"request: larger than {LIMIT} bytes"
+
+
+async def test_a_body_announced_but_never_sent_times_out(
+    gc: RunningGc, keys: DevKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that announces 100 bytes and sends none must not hold a
+    handler (and the drain) for ever: the read is bounded."""
+    monkeypatch.setattr(grpc_server, "REQUEST_READ_TIMEOUT_S", 0.2)
+    port = gc.endpoints.grpc_port
+    auth = (b"authorization", f"Bearer {keys.mc_token('mc-1')}".encode())
+    response = await raw_h2_call(
+        port, grpc_headers(port, auth), grpc_frame(b"", length=100), end_stream=False
+    )
+    assert response.grpc_status is Status.DEADLINE_EXCEEDED, response
+    assert response.grpc_message == "request: not received in time"
 
 
 @pytest.mark.parametrize(
@@ -682,7 +697,19 @@ def test_a_protocol_library_logs_an_exception_as_one_line(
     assert err.count("\n") == 1, err
     assert "Traceback" not in err
     assert f"logger={name} " in err
-    assert '"Application error in RegisterMC (ValueError)"' in err
+    assert 'event="Application error in RegisterMC" error=ValueError' in err
+    assert "malformed header" not in err  # the message may carry client data
+
+
+def test_a_logger_merely_named_like_a_library_keeps_its_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with product_logging():
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            logging.getLogger("h2o.app").exception("failed")
+    assert "Traceback (most recent call last):" in capsys.readouterr().err
 
 
 def test_our_own_loggers_keep_their_tracebacks(capsys: pytest.CaptureFixture[str]) -> None:
