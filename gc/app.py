@@ -8,7 +8,7 @@ listen and the schema is in place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -73,19 +73,36 @@ class GcEndpoints:
     http_port: int
 
 
-def _node_store(kind: str, pool: asyncpg.Pool) -> NodeStore:
-    repo = meeting_controllers if kind == "mc" else media_handlers
+def mc_node_store(pool: asyncpg.Pool) -> NodeStore:
+    """The health checker's view of the meeting controllers' table."""
+    return _node_store(
+        "mc", pool, meeting_controllers.mark_stale_unhealthy, meeting_controllers.count_by_health
+    )
 
+
+def mh_node_store(pool: asyncpg.Pool) -> NodeStore:
+    """The health checker's view of the media handlers' table."""
+    return _node_store(
+        "mh", pool, media_handlers.mark_stale_unhealthy, media_handlers.count_by_health
+    )
+
+
+def _node_store(
+    kind: str,
+    pool: asyncpg.Pool,
+    mark_stale_unhealthy: Callable[[asyncpg.Pool, float], Awaitable[list[str]]],
+    count_by_health: Callable[[asyncpg.Pool], Awaitable[dict[str, int]]],
+) -> NodeStore:
     async def mark_stale(stale_after_s: float) -> list[str]:
-        return await run_aio(repo.mark_stale_unhealthy, pool, stale_after_s)
+        return await run_aio(mark_stale_unhealthy, pool, stale_after_s)
 
-    async def count_by_health() -> dict[str, int]:
-        return await run_aio(repo.count_by_health, pool)
+    async def count() -> dict[str, int]:
+        return await run_aio(count_by_health, pool)
 
     async def do_ping() -> None:
         await run_aio(ping, pool)
 
-    return NodeStore(kind, mark_stale, count_by_health, do_ping)
+    return NodeStore(kind, mark_stale, count, do_ping)
 
 
 async def run_gc(
@@ -126,14 +143,14 @@ async def run_gc(
 
         checkers = [
             HealthChecker(
-                _node_store("mc", pool),
+                mc_node_store(pool),
                 interval_s=config.health_check_interval_s,
                 stale_after_s=config.stale_after_s,
                 grace_s=config.fast_heartbeat_ms / 1000,
                 on_result=on_sweep,
             ),
             HealthChecker(
-                _node_store("mh", pool),
+                mh_node_store(pool),
                 interval_s=config.health_check_interval_s,
                 stale_after_s=config.stale_after_s,
                 grace_s=config.load_report_ms / 1000,

@@ -29,6 +29,7 @@ running until stopped by hand. Stop with SIGINT/SIGTERM instead.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import importlib.util
@@ -194,7 +195,48 @@ def _remaining(deadline: float, what: str, log_file: Path) -> float:
 # PostgreSQL
 
 
-class EmbeddedPostgres:
+class _EmbeddedServer(abc.ABC):
+    """What both embedded servers share: a private directory (plus perhaps a
+    short socket directory) that :meth:`close` removes after stopping, and
+    use as a context manager that never leaves a half-started server."""
+
+    _root: Path | None = None
+    _extra_socket_dir: Path | None = None
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def close(self) -> None:
+        """Stop the server and remove every file it had."""
+        try:
+            self.stop()
+        finally:
+            for directory in (self._root, self._extra_socket_dir):
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+            self._root = self._extra_socket_dir = None
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EmbeddedPostgres(_EmbeddedServer):
     """A private PostgreSQL server listening only on a unix socket in its own
     temporary directory (no TCP port, so nothing to collide with).
 
@@ -388,32 +430,6 @@ class EmbeddedPostgres:
         _stop_process(self._proc, signal.SIGQUIT if immediate else signal.SIGINT, _STOP_GRACE_S)
         self._proc = None
 
-    def close(self) -> None:
-        """Stop the server and remove every file it had."""
-        try:
-            self.stop()
-        finally:
-            for directory in (self._root, self._extra_socket_dir):
-                if directory is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
-            self._root = self._extra_socket_dir = None
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 @contextlib.contextmanager
 def embedded_postgres(base_dir: Path | None = None) -> Iterator[str]:
@@ -448,7 +464,7 @@ def _ping_unix(path: Path) -> bool:
         return False
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_EmbeddedServer):
     """A private Redis server on ``127.0.0.1:<free port>`` with no persistence.
 
     TCP rather than a unix socket, so that the URL is the ordinary form every
@@ -599,32 +615,6 @@ class EmbeddedRedis:
             return
         _stop_process(self._proc, signal.SIGKILL if kill else signal.SIGTERM, _STOP_GRACE_S)
         self._proc = None
-
-    def close(self) -> None:
-        """Stop the server and remove every file it had."""
-        try:
-            self.stop()
-        finally:
-            for directory in (self._root, self._extra_socket_dir):
-                if directory is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
-            self._root = self._extra_socket_dir = None
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from darktower.gc.health_checker import SweepResult
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
 from darktower.shared import keys, tokens
+from darktower.shared.seam import run_aio
 
 
 @dataclass
@@ -148,17 +149,16 @@ async def _run(
 
 
 @asynccontextmanager
-async def gc_clients(port: int) -> AsyncIterator[GcClients]:
+async def grpc_channel(port: int) -> AsyncIterator[Channel]:
     """A grpclib channel to ``127.0.0.1:port``; created and closed on the
-    asyncio side (call inside ``aio_loop``)."""
-    from darktower.shared.seam import run_aio
+    asyncio side (call inside ``aio_loop``). It connects on its first RPC."""
 
     async def open_channel() -> Channel:
         return Channel("127.0.0.1", port)
 
     channel = await run_aio(open_channel)
     try:
-        yield GcClients(channel)
+        yield channel
     finally:
 
         async def close() -> None:
@@ -166,3 +166,10 @@ async def gc_clients(port: int) -> AsyncIterator[GcClients]:
 
         with trio.move_on_after(2, shield=True):
             await run_aio(close)
+
+
+@asynccontextmanager
+async def gc_clients(port: int) -> AsyncIterator[GcClients]:
+    """GC stubs on one :func:`grpc_channel` to ``127.0.0.1:port``."""
+    async with grpc_channel(port) as channel:
+        yield GcClients(channel)

@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import httpx
 import pytest
 import trio
-from test_gc_process import fetch
+from process_harness import fetch
 
 from darktower.cli.__main__ import main as dt_main
-from darktower.shared.devstack import create_database, drop_database
+
+pytest_plugins = ("gc_fixtures",)  # empty_database
 
 TABLES = {"meetings", "meeting_controllers", "media_handlers", "meeting_assignments"}
 _TABLES_QUERY = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-
-
-@pytest.fixture
-def empty_database(pg_server_dsn: str) -> Iterator[str]:
-    name = f"dt_test_cli_{secrets.token_hex(6)}"
-    dsn = create_database(pg_server_dsn, name)
-    try:
-        yield dsn
-    finally:
-        drop_database(pg_server_dsn, name)
 
 
 async def test_db_init_applies_the_schema_idempotently(

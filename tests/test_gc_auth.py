@@ -18,7 +18,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,6 @@ from cryptography.hazmat.primitives import serialization
 from gc_harness import (
     DevKeys,
     GcClients,
-    RunningGc,
     gc_clients,
     gc_environ,
     mc_registration,
@@ -49,30 +48,15 @@ from darktower.shared.jwks import KeyStore
 from darktower.shared.logging import KeyValueFormatter, configure_logging
 from darktower.shared.seam import run_aio
 
+pytest_plugins = ("gc_fixtures",)  # keys, gc, clients
+
 # --- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> DevKeys:
-    return DevKeys.create(tmp_path / "keys")
 
 
 @pytest.fixture
 def other_keys(tmp_path: Path) -> DevKeys:
     """A second key pair the GC does not know."""
     return DevKeys.create(tmp_path / "other-keys")
-
-
-@pytest.fixture
-async def gc(db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str) -> AsyncIterator[RunningGc]:
-    async with running_gc(gc_environ(keys, database_dsn)) as running:
-        yield running
-
-
-@pytest.fixture
-async def clients(gc: RunningGc) -> AsyncIterator[GcClients]:
-    async with gc_clients(gc.endpoints.grpc_port) as c:
-        yield c
 
 
 def b64url(data: bytes) -> str:
@@ -604,5 +588,6 @@ async def _exercise_gc(
         # ... and a good run.
         await rpc(clients.mc.RegisterMC, mc_registration("mc-1"), good)
         await rpc(clients.mc.FastHeartbeat, _mc_request("FastHeartbeat", "mc-1"), good)
-        await rpc(clients.mh.RegisterMH, mh_registration("mh-1"), bearer(keys.mh_token("mh-1")))
-        presented.append(bearer(keys.mh_token("mh-1")))
+        mh = bearer(keys.mh_token("mh-1"))
+        presented.append(mh)
+        await rpc(clients.mh.RegisterMH, mh_registration("mh-1"), mh)

@@ -1,6 +1,7 @@
 """The registry under real concurrency (SPEC §6.1, §10): many trio tasks
 calling over several HTTP/2 connections into GCs whose handlers run
-concurrently against real PostgreSQL through their own pools.
+concurrently against real PostgreSQL through their own pools - GCs in-process
+and, at the end, two GC processes on one database.
 
 Every RPC must succeed, and what is left in the database must be exactly what
 some one request wrote: no lost rows, no duplicated ids, no row mixing the
@@ -29,38 +30,62 @@ from gc_harness import (
     running_gc,
 )
 from grpclib.client import UnaryUnaryMethod
+from process_harness import GcProcess, assert_clean_stop, ready_gc_processes
 
+import darktower.gc.app
 from darktower.gc.repositories import media_handlers, meeting_controllers
+from darktower.gc.repositories.meeting_controllers import MeetingControllerRow
 from darktower.protos import internal_pb2 as pb
+from darktower.shared.grpc_server import GrpcServer
 from darktower.shared.seam import run_aio
 
+pytest_plugins = ("gc_fixtures",)  # keys
+
 CHANNELS = 4
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> DevKeys:
-    return DevKeys.create(tmp_path / "keys")
+GC_SERVICE = "/dark_tower.internal.GlobalControllerService/"
 
 
 @asynccontextmanager
-async def open_clients(gcs: Sequence[RunningGc], channels: int) -> AsyncIterator[list[GcClients]]:
-    """``channels`` separate connections, spread round-robin over ``gcs``."""
+async def open_clients(ports: Sequence[int], channels: int) -> AsyncIterator[list[GcClients]]:
+    """``channels`` separate connections, spread round-robin over ``ports``."""
     async with AsyncExitStack() as stack:
         yield [
-            await stack.enter_async_context(gc_clients(gcs[i % len(gcs)].endpoints.grpc_port))
+            await stack.enter_async_context(gc_clients(ports[i % len(ports)]))
             for i in range(channels)
         ]
 
 
+def grpc_ports(gcs: Sequence[RunningGc]) -> list[int]:
+    return [gc.endpoints.grpc_port for gc in gcs]
+
+
 @pytest.fixture
-async def gc(db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str) -> AsyncIterator[RunningGc]:
-    async with running_gc(gc_environ(keys, database_dsn, GC_DB_POOL_SIZE="10")) as running:
+def grpc_servers(monkeypatch: pytest.MonkeyPatch) -> list[GrpcServer]:
+    """Every :class:`GrpcServer` a GC builds during the test, in order: the
+    real class, only recorded, so a test can read its statistics."""
+    servers: list[GrpcServer] = []
+
+    class RecordedGrpcServer(GrpcServer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    monkeypatch.setattr(darktower.gc.app, "GrpcServer", RecordedGrpcServer)
+    return servers
+
+
+@pytest.fixture
+async def gc(
+    db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str, grpc_servers: list[GrpcServer]
+) -> AsyncIterator[RunningGc]:
+    """The default GC (``gc_fixtures.gc``), its gRPC server recorded."""
+    async with running_gc(gc_environ(keys, database_dsn)) as running:
         yield running
 
 
 @pytest.fixture
 async def channels(gc: RunningGc) -> AsyncIterator[list[GcClients]]:
-    async with open_clients([gc], CHANNELS) as clients:
+    async with open_clients(grpc_ports([gc]), CHANNELS) as clients:
         yield clients
 
 
@@ -80,63 +105,66 @@ def heartbeat(mc_id: str, meetings: int, participants: int, cpu: float) -> Any:
     )
 
 
-class InFlight:
-    """Counts RPCs in flight and remembers the peak: evidence that the tasks
-    really overlapped rather than ran one after another."""
-
-    def __init__(self) -> None:
-        self.now = 0
-        self.peak = 0
-
-    @asynccontextmanager
-    async def track(self) -> AsyncIterator[None]:
-        self.now += 1
-        self.peak = max(self.peak, self.now)
-        try:
-            yield
-        finally:
-            self.now -= 1
+def fleet_endpoint(i: int) -> str:
+    return f"http://10.0.{i // 250}.{i % 250}:50052"
 
 
-async def test_100_mcs_register_and_heartbeat_concurrently(
-    channels: list[GcClients], keys: DevKeys, db_pool: asyncpg.Pool
-) -> None:
-    count = 100
+async def register_and_heartbeat_fleet(
+    channels: Sequence[GcClients], keys: DevKeys, count: int
+) -> list[str]:
+    """``count`` MCs at once, MC ``i`` over ``channels[i % len(channels)]``:
+    each registers, then sends one comprehensive heartbeat. Their ids."""
     ids = [f"mc-{i:03d}" for i in range(count)]
     tokens = {mc_id: keys.mc_token(mc_id) for mc_id in ids}
     acknowledged: list[str] = []
-    in_flight = InFlight()
 
     async def one_mc(i: int, mc_id: str) -> None:
         clients = channels[i % len(channels)]
-        async with in_flight.track():
-            registered = await call(
-                clients.mc.RegisterMC,
-                mc_registration(mc_id, grpc_endpoint=f"http://10.0.{i // 250}.{i % 250}:50052"),
-                tokens[mc_id],
-            )
-            assert registered.accepted
-            response = await call(
-                clients.mc.ComprehensiveHeartbeat,
-                heartbeat(mc_id, meetings=i % 100, participants=i * 3, cpu=float(i % 100)),
-                tokens[mc_id],
-            )
+        registered = await call(
+            clients.mc.RegisterMC,
+            mc_registration(mc_id, grpc_endpoint=fleet_endpoint(i)),
+            tokens[mc_id],
+        )
+        assert registered.accepted
+        response = await call(
+            clients.mc.ComprehensiveHeartbeat,
+            heartbeat(mc_id, meetings=i % 100, participants=i * 3, cpu=float(i % 100)),
+            tokens[mc_id],
+        )
         assert response.acknowledged
         acknowledged.append(mc_id)
 
     async with trio.open_nursery() as nursery:
         for i, mc_id in enumerate(ids):
             nursery.start_soon(one_mc, i, mc_id)
-
     assert sorted(acknowledged) == ids
-    assert in_flight.peak == count
-    rows = await run_aio(meeting_controllers.list_all, db_pool)
-    assert [row.controller_id for row in rows] == ids
+    return ids
+
+
+def assert_fleet_rows(rows: Sequence[MeetingControllerRow], ids: Sequence[str]) -> None:
+    """One healthy row per MC of :func:`register_and_heartbeat_fleet`, each
+    holding exactly what that MC sent."""
+    assert [row.controller_id for row in rows] == list(ids)
     for i, row in enumerate(rows):
         assert row.health_status == "healthy", row.controller_id
-        assert row.grpc_endpoint == f"http://10.0.{i // 250}.{i % 250}:50052"
+        assert row.grpc_endpoint == fleet_endpoint(i)
         assert (row.current_meetings, row.current_participants) == (i % 100, i * 3)
         assert (row.cpu_usage_percent, row.memory_usage_percent) == (i % 100, 100 - i % 100)
+
+
+async def test_100_mcs_register_and_heartbeat_concurrently(
+    channels: list[GcClients],
+    keys: DevKeys,
+    db_pool: asyncpg.Pool,
+    grpc_servers: list[GrpcServer],
+) -> None:
+    ids = await register_and_heartbeat_fleet(channels, keys, 100)
+    assert_fleet_rows(await run_aio(meeting_controllers.list_all, db_pool), ids)
+    # The GC's handlers really overlapped (each awaits PostgreSQL): more of
+    # them ran at once than there are connections, so the server took the
+    # streams of one connection side by side too, not one after another.
+    [server] = grpc_servers
+    assert server.statistics().peak_in_flight > CHANNELS
 
 
 async def test_50_mhs_register_and_report_concurrently(
@@ -169,39 +197,40 @@ async def test_50_mhs_register_and_report_concurrently(
         assert (row.current_streams, row.bandwidth_usage_percent) == (i, i)
 
 
-async def test_concurrent_reregistrations_leave_one_whole_row(
-    db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str
-) -> None:
-    """20 registrations of one id at once, through two GCs (two pools) and
-    four connections: one row, and all of its fields come from the same one
-    of the 20 requests."""
-    token = keys.mc_token("mc-1")
-    sent = {
+def reregistrations(mc_id: str, count: int) -> dict[int, pb.RegisterMCRequest]:
+    """``count`` registrations of ``mc_id`` that differ in every field."""
+    return {
         i: mc_registration(
-            "mc-1",
+            mc_id,
             region=f"region-{i}",
             grpc_endpoint=f"http://10.1.0.{i}:50052",
             webtransport_endpoint=f"https://10.1.0.{i}:4433",
             max_meetings=100 + i,
             max_participants=1000 + i,
         )
-        for i in range(20)
+        for i in range(count)
     }
-    async with (
-        running_gc(gc_environ(keys, database_dsn, GC_ID="gc-a")) as gc_a,
-        running_gc(gc_environ(keys, database_dsn, GC_ID="gc-b")) as gc_b,
-        open_clients([gc_a, gc_b], CHANNELS) as clients,
-    ):
 
-        async def register(i: int) -> None:
-            response = await call(clients[i % len(clients)].mc.RegisterMC, sent[i], token)
-            assert response.accepted
 
-        async with trio.open_nursery() as nursery:
-            for i in sent:
-                nursery.start_soon(register, i)
+async def register_all_at_once(
+    channels: Sequence[GcClients], sent: dict[int, pb.RegisterMCRequest], token: str
+) -> None:
+    """Every registration of ``sent`` at once, registration ``i`` over
+    ``channels[i % len(channels)]``; each must be accepted."""
 
-    rows = await run_aio(meeting_controllers.list_all, db_pool)
+    async def register(i: int) -> None:
+        response = await call(channels[i % len(channels)].mc.RegisterMC, sent[i], token)
+        assert response.accepted
+
+    async with trio.open_nursery() as nursery:
+        for i in sent:
+            nursery.start_soon(register, i)
+
+
+def assert_one_whole_row(
+    rows: Sequence[MeetingControllerRow], sent: dict[int, pb.RegisterMCRequest]
+) -> None:
+    """One row, and all of its fields come from the same one of ``sent``."""
     assert len(rows) == 1
     row = rows[0]
     winner = next(
@@ -221,6 +250,22 @@ async def test_concurrent_reregistrations_leave_one_whole_row(
         request.max_participants,
     )
     assert row.health_status == "pending"
+
+
+async def test_concurrent_reregistrations_leave_one_whole_row(
+    db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str
+) -> None:
+    """20 registrations of one id at once, through two GCs (two pools) and
+    four connections: one row, and all of its fields come from the same one
+    of the 20 requests."""
+    sent = reregistrations("mc-1", 20)
+    async with (
+        running_gc(gc_environ(keys, database_dsn, GC_ID="gc-a")) as gc_a,
+        running_gc(gc_environ(keys, database_dsn, GC_ID="gc-b")) as gc_b,
+        open_clients(grpc_ports([gc_a, gc_b]), CHANNELS) as clients,
+    ):
+        await register_all_at_once(clients, sent, keys.mc_token("mc-1"))
+    assert_one_whole_row(await run_aio(meeting_controllers.list_all, db_pool), sent)
 
 
 async def test_heartbeats_racing_reregistration_never_fail(
@@ -273,3 +318,55 @@ async def test_heartbeats_racing_reregistration_never_fail(
     assert rows[0].current_meetings in loads
     # Re-registration keeps health; every heartbeat reported healthy.
     assert rows[0].health_status == "healthy"
+
+
+# --- two GC processes on one database ----------------------------------------------------------
+
+
+@pytest.fixture
+async def gc_processes(
+    db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str, tmp_path: Path
+) -> AsyncIterator[list[GcProcess]]:
+    """Two GCs as real processes (``python -m darktower.gc``) on the
+    (emptied) session database, both ready."""
+    async with ready_gc_processes(gc_environ(keys, database_dsn), tmp_path) as gcs:
+        yield gcs
+
+
+async def rpcs_served(gc: GcProcess, method: str) -> float:
+    """How many ``method`` RPCs ``gc`` answered with OK (its own metrics)."""
+    return await gc.metric("gc_grpc_server_rpcs_total", method=f"{GC_SERVICE}{method}", status="OK")
+
+
+async def stop_cleanly(gcs: Sequence[GcProcess]) -> None:
+    """SIGTERM each GC; each exits 0 and logged no error on the way."""
+    for gc in gcs:
+        assert_clean_stop(gc, await gc.stop())
+
+
+@pytest.mark.slow
+async def test_reregistrations_split_across_two_gc_processes_leave_one_whole_row(
+    gc_processes: list[GcProcess], keys: DevKeys, db_pool: asyncpg.Pool
+) -> None:
+    """As above, with the GCs as separate processes: 20 registrations of one
+    id at once, alternating between the two over four connections."""
+    sent = reregistrations("mc-1", 20)
+    async with open_clients([gc.grpc_port for gc in gc_processes], CHANNELS) as clients:
+        await register_all_at_once(clients, sent, keys.mc_token("mc-1"))
+    assert_one_whole_row(await run_aio(meeting_controllers.list_all, db_pool), sent)
+    assert [await rpcs_served(gc, "RegisterMC") for gc in gc_processes] == [10, 10]
+    await stop_cleanly(gc_processes)
+
+
+@pytest.mark.slow
+async def test_100_mcs_split_across_two_gc_processes_are_all_healthy(
+    gc_processes: list[GcProcess], keys: DevKeys, db_pool: asyncpg.Pool
+) -> None:
+    """100 MCs register and heartbeat at once, alternating between two GC
+    processes over four connections: 100 healthy rows, each as sent."""
+    async with open_clients([gc.grpc_port for gc in gc_processes], CHANNELS) as clients:
+        ids = await register_and_heartbeat_fleet(clients, keys, 100)
+    assert_fleet_rows(await run_aio(meeting_controllers.list_all, db_pool), ids)
+    for method in ("RegisterMC", "ComprehensiveHeartbeat"):
+        assert [await rpcs_served(gc, method) for gc in gc_processes] == [50, 50], method
+    await stop_cleanly(gc_processes)

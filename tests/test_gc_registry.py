@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -48,6 +47,8 @@ from darktower.gc.repositories.meeting_controllers import MeetingControllerRow
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.seam import run_aio
 
+pytest_plugins = ("gc_fixtures",)  # keys, gc, clients
+
 INT4_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 
@@ -57,24 +58,6 @@ Health: TypeAlias = pb.HealthStatus.ValueType
 
 
 # --- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> DevKeys:
-    return DevKeys.create(tmp_path / "keys")
-
-
-@pytest.fixture
-async def gc(db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str) -> AsyncIterator[RunningGc]:
-    """A GC with default configuration on the (emptied) session database."""
-    async with running_gc(gc_environ(keys, database_dsn)) as running:
-        yield running
-
-
-@pytest.fixture
-async def clients(gc: RunningGc) -> AsyncIterator[GcClients]:
-    async with gc_clients(gc.endpoints.grpc_port) as c:
-        yield c
 
 
 async def call(method: UnaryUnaryMethod[Any, Any], request: Any, token: str) -> Any:

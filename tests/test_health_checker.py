@@ -4,9 +4,10 @@ outage) buys the fleet one fast-heartbeat interval of grace first.
 
 Two kinds of test:
 
-* against real PostgreSQL (``db_pool`` and the GC's real ``_node_store``),
-  under ``mock_clock`` (no autojump: asyncpg's command timeouts follow trio's
-  clock, so time moves only by an explicit ``jump`` while no query runs).
+* against real PostgreSQL (``db_pool`` and the GC's real node stores,
+  ``mc_node_store`` / ``mh_node_store``), under ``mock_clock`` (no autojump:
+  asyncpg's command timeouts follow trio's clock, so time moves only by an
+  explicit ``jump`` while no query runs).
   Staleness is produced by back-dating ``last_heartbeat_at`` on the database
   clock, never by waiting;
 * pure checker logic (cadence, thresholds) against :class:`FakeNodes`, an
@@ -36,7 +37,7 @@ from gc_harness import (
     running_gc,
 )
 
-from darktower.gc.app import _node_store
+from darktower.gc.app import mc_node_store, mh_node_store
 from darktower.gc.health_checker import HealthChecker, NodeStore, SweepResult
 from darktower.gc.metrics import REGISTRY
 from darktower.gc.registry_requests import McHeartbeat, McRegistration, MhLoadReport, MhRegistration
@@ -310,6 +311,8 @@ async def test_grace_after_an_outage_counts_from_recovery(
 
 KINDS = [pytest.param("mc", id="mc"), pytest.param("mh", id="mh")]
 _TABLE = {"mc": ("meeting_controllers", "controller_id"), "mh": ("media_handlers", "handler_id")}
+#: The GC's real stores, by kind.
+_STORE = {"mc": mc_node_store, "mh": mh_node_store}
 
 
 async def register(pool: asyncpg.Pool, kind: str, node_id: str) -> None:
@@ -375,7 +378,7 @@ def sample(name: str, **labels: str) -> float:
 def db_checker(
     pool: asyncpg.Pool, kind: str, on_result: Callable[[SweepResult], None] | None = None
 ) -> HealthChecker:
-    return checker(_node_store(kind, pool), on_result)
+    return checker(_STORE[kind](pool), on_result)
 
 
 async def past_start_grace(hc: HealthChecker, clock: trio.testing.MockClock) -> SweepResult:
@@ -552,7 +555,7 @@ async def test_start_after_downtime_grants_grace_before_marking(
     fleet = [f"node-{i}" for i in range(6)]
     await add_nodes(db_pool, kind, *fleet)
     await backdate(db_pool, kind, 31, *fleet)
-    async with running_checker(_node_store(kind, db_pool)) as results:
+    async with running_checker(_STORE[kind](db_pool)) as results:
         first = await results.receive()
         assert first.outcome == "grace"
         await heartbeat(db_pool, kind, "node-0")
@@ -576,7 +579,7 @@ async def test_a_pause_longer_than_staleness_grants_grace(
 ) -> None:
     fleet = [f"mc-{i}" for i in range(4)]
     await add_nodes(db_pool, "mc", *fleet)
-    async with running_checker(_node_store("mc", db_pool)) as results:
+    async with running_checker(mc_node_store(db_pool)) as results:
         seen = [await results.receive()]
         for _ in range(3):
             mock_clock.jump(INTERVAL)
@@ -604,7 +607,7 @@ async def test_a_long_database_outage_grants_grace_after_recovery(
 ) -> None:
     fleet = [f"mc-{i}" for i in range(4)]
     await add_nodes(db_pool, "mc", *fleet)
-    flaky = FlakyStore(_node_store("mc", db_pool))
+    flaky = FlakyStore(mc_node_store(db_pool))
     hc = checker(flaky.store())
     await past_start_grace(hc, mock_clock)
 
@@ -634,7 +637,7 @@ async def test_a_short_database_outage_does_not_grant_grace(
     """Two failed ticks leave a 15 s gap (< 20 s): sweeping resumes at once,
     and a node that really is stale is marked on the first tick back."""
     await add_nodes(db_pool, "mc", "mc-live", "mc-dead")
-    flaky = FlakyStore(_node_store("mc", db_pool))
+    flaky = FlakyStore(mc_node_store(db_pool))
     hc = checker(flaky.store())
     await past_start_grace(hc, mock_clock)
 

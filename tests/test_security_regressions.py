@@ -50,11 +50,9 @@ from gc_harness import (
     DevKeys,
     GcClients,
     RunningGc,
-    gc_clients,
     gc_environ,
     mc_registration,
     metadata,
-    running_gc,
 )
 from grpclib.client import Channel, UnaryUnaryMethod
 from grpclib.const import Status
@@ -78,26 +76,10 @@ LIMIT = 64 * 1024
 #: Bound on one raw HTTP/2 exchange with the GC (a hang is a failure).
 RAW_CALL_WITHIN_S = 10.0
 
+pytest_plugins = ("gc_fixtures",)
+
 
 # --- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> DevKeys:
-    return DevKeys.create(tmp_path / "keys")
-
-
-@pytest.fixture
-async def gc(db_pool: asyncpg.Pool, keys: DevKeys, database_dsn: str) -> AsyncIterator[RunningGc]:
-    """A GC with default configuration on the (emptied) session database."""
-    async with running_gc(gc_environ(keys, database_dsn)) as running:
-        yield running
-
-
-@pytest.fixture
-async def clients(gc: RunningGc) -> AsyncIterator[GcClients]:
-    async with gc_clients(gc.endpoints.grpc_port) as c:
-        yield c
 
 
 def traceback_records(caplog: pytest.LogCaptureFixture) -> list[str]:
