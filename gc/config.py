@@ -45,7 +45,7 @@ def _parse_service_token(raw: str) -> Secret:
 
 
 def _parse_optional_id(raw: str) -> str:
-    return "" if raw == "-" else parse_node_id(raw)
+    return raw and parse_node_id(raw)
 
 
 _MS = parse_int_range(100, 3_600_000)
@@ -53,7 +53,7 @@ _MS = parse_int_range(100, 3_600_000)
 DATABASE_URL = Var("DATABASE_URL", "PostgreSQL DSN", parse_dsn, secret=True)
 HTTP_ADDR = Var("GC_HTTP_ADDR", "HTTP bind address", parse_host_port, "127.0.0.1:8080")
 GRPC_ADDR = Var("GC_GRPC_ADDR", "gRPC bind address", parse_host_port, "127.0.0.1:50051")
-GC_ID = Var("GC_ID", "this instance's id (default gc-<hostname>-<random>)", _parse_optional_id, "-")
+GC_ID = Var("GC_ID", "this instance's id (unset: gc-<hostname>-<random>)", _parse_optional_id, "")
 REGION = Var("GC_REGION", "region served", parse_region, "local")
 AUTH_JWKS = Var("AUTH_JWKS", "JWKS paths or URLs, comma-separated, merged", parse_list, secret=True)
 SIGNING_KEY = Var(

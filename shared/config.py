@@ -176,7 +176,10 @@ def help_text(service: str, variables: Sequence[Var[Any]]) -> str:
     """The ``--help`` text: every variable, its default and its meaning."""
     lines = [f"usage: {service} (configured by environment variables)", ""]
     for var in variables:
-        default = "required" if var.default is None else f"default {var.default}"
+        if var.default is None:
+            default = "required"
+        else:
+            default = f"default {var.default}" if var.default else "optional"
         lines.append(f"  {var.name:32} {var.meaning} ({default})")
     return "\n".join(lines)
 
