@@ -49,7 +49,10 @@ _KEY_REFRESH_INTERVAL_S = 300.0
 async def _refresh_keys_periodically(key_store: KeyStore) -> None:
     while True:
         await trio.sleep(_KEY_REFRESH_INTERVAL_S)
-        await trio.to_thread.run_sync(key_store.refresh, abandon_on_cancel=True)
+        # A JWKS host that trickles its headers can hold the fetch: stop
+        # waiting (the thread is abandoned, its keys kept) and try next time.
+        with trio.move_on_after(_KEY_LOAD_TIMEOUT_S):
+            await trio.to_thread.run_sync(key_store.refresh, abandon_on_cancel=True)
 
 
 #: Bound on loading the JWKS at start. Each read of a URL is bounded, but a

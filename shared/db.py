@@ -53,7 +53,10 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
+    # Class 53: too many connections, disk full, out of memory.
+    asyncpg.exceptions.InsufficientResourcesError,
+    # A DSN that now reaches a standby (after a failover): writes refused.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     # Contention that outlasted its retry: transient, so "try again".

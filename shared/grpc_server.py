@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import struct
+import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from grpclib._typing import IServerMethodFunc
 from grpclib.const import Status
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from prometheus_client import Counter
 
@@ -96,7 +98,10 @@ async def recv_request(stream: Stream[RequestT, ReplyT]) -> RequestT:
 
 async def _recv_request(stream: Stream[RequestT, ReplyT]) -> RequestT:
     h2_stream = stream._stream
-    prefix = await h2_stream.recv_data(5)
+    try:
+        prefix = await h2_stream.recv_data(5)
+    except AssertionError:  # grpclib's way of saying the stream ended early
+        raise GRPCError(Status.INVALID_ARGUMENT, "request: message is truncated") from None
     if len(prefix) < 5:
         raise GRPCError(Status.INVALID_ARGUMENT, "request: message is required")
     compressed, length = struct.unpack(">?I", prefix)
@@ -106,7 +111,10 @@ async def _recv_request(stream: Stream[RequestT, ReplyT]) -> RequestT:
         raise GRPCError(
             Status.RESOURCE_EXHAUSTED, f"request: larger than {MAX_REQUEST_BYTES} bytes"
         )
-    body = await h2_stream.recv_data(length)
+    try:
+        body = await h2_stream.recv_data(length)
+    except AssertionError:
+        body = b""
     if len(body) != length:
         raise GRPCError(Status.INVALID_ARGUMENT, "request: message is truncated")
     request_type = stream._recv_type
@@ -168,6 +176,7 @@ class GrpcServer:
         self._peak_in_flight = 0
         self._idle: asyncio.Event | None = None
         self._draining = False
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def statistics(self) -> GrpcServerStatistics:
         return GrpcServerStatistics(self._in_flight, self._peak_in_flight, self._draining)
@@ -191,6 +200,17 @@ class GrpcServer:
     async def _start(self, bind: HostPort) -> Server:
         # Constructed on the asyncio side: grpclib binds to the running loop.
         server = Server(list(self._services))
+        # Remember each connection's protocol: after the drain they are closed
+        # by us (grpclib's close() only cancels handlers; from Python 3.12 on,
+        # asyncio's Server.wait_closed() waits for every client to hang up).
+        make_protocol = server._protocol_factory
+
+        def tracking_protocol_factory() -> H2Protocol:
+            protocol = make_protocol()
+            self._protocols.add(protocol)
+            return protocol
+
+        server._protocol_factory = tracking_protocol_factory  # type: ignore[method-assign]
         listen(server, RecvRequest, self._on_recv_request)
         listen(server, SendTrailingMetadata, self._on_send_trailing_metadata)
         self._idle = asyncio.Event()
@@ -210,6 +230,10 @@ class GrpcServer:
         except TimeoutError:
             log.warning("grpc_drain_timeout", in_flight=self._in_flight)
         server.close()
+        for protocol in list(self._protocols):
+            connection = getattr(protocol, "connection", None)
+            if connection is not None:
+                connection.close()
         try:
             await asyncio.wait_for(server.wait_closed(), timeout=1.0)
         except TimeoutError:

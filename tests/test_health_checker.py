@@ -336,9 +336,9 @@ async def register(pool: asyncpg.Pool, kind: str, node_id: str) -> None:
 async def heartbeat(pool: asyncpg.Pool, kind: str, node_id: str, health: str = "healthy") -> None:
     """A heartbeat (MC) or load report (MH) through the repository."""
     if kind == "mc":
-        done = await run_aio(
-            meeting_controllers.heartbeat, pool, McHeartbeat(node_id, 1, 2, health)
-        )
+        heartbeats = [McHeartbeat(node_id, 1, 2, health)]
+        written = await run_aio(meeting_controllers.heartbeat_batch, pool, heartbeats)
+        done = written.get(node_id)
     else:
         report = MhLoadReport(node_id, 3, health, 10.0, 20.0, 30.0)
         done = await run_aio(media_handlers.load_report, pool, report)

@@ -4,6 +4,7 @@ statement against real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Sequence
 
 import asyncpg
@@ -111,13 +112,13 @@ async def test_a_failed_statement_fails_its_batch_only(aio_loop: None) -> None:
 async def test_a_cancelled_caller_does_not_cancel_the_others(aio_loop: None) -> None:
     loop_errors: list[dict[str, object]] = []
 
-    async def scenario() -> int | None:
+    async def scenario() -> list[list[str]]:
         asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
         store = RecordingStore({"mc-a", "mc-b"})
         batcher = HeartbeatBatcher(store.write_batch)
         impatient = asyncio.ensure_future(batcher.write(heartbeat("mc-a")))
         patient = asyncio.ensure_future(batcher.write(heartbeat("mc-b")))
-        await store.started.wait()
+        await store.started.wait()  # both are in the statement in flight
         impatient.cancel()  # e.g. its RPC deadline expired
         await asyncio.sleep(0)
         store.fail_with = DatabaseUnavailable("x")  # an outcome nobody retrieves for mc-a
@@ -125,13 +126,55 @@ async def test_a_cancelled_caller_does_not_cancel_the_others(aio_loop: None) -> 
         with pytest.raises(DatabaseUnavailable):
             await patient
         assert impatient.cancelled()
-        assert len(store.batches) == 1  # the statement itself ran to completion
+        del impatient
+        gc.collect()  # an unretrieved exception is reported when collected
         await asyncio.sleep(0)
-        return None
+        return [[hb.controller_id for hb in batch] for batch in store.batches]
 
-    await run_aio(scenario)
-    # No "exception was never retrieved" report for the abandoned wait.
+    # The statement itself ran to completion for the one still waiting.
+    assert await run_aio(scenario) == [["mc-a", "mc-b"]]
     assert loop_errors == []
+
+
+async def test_a_heartbeat_whose_caller_gave_up_while_queued_is_not_written(
+    aio_loop: None,
+) -> None:
+    async def scenario() -> list[list[str]]:
+        store = RecordingStore({"mc-a", "mc-b", "mc-z"})
+        batcher = HeartbeatBatcher(store.write_batch)
+        blocker = asyncio.ensure_future(batcher.write(heartbeat("mc-z")))
+        await store.started.wait()
+        gave_up = asyncio.ensure_future(batcher.write(heartbeat("mc-a")))
+        waiting = asyncio.ensure_future(batcher.write(heartbeat("mc-b")))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        store.release.set()
+        await asyncio.gather(blocker, waiting)
+        return [[hb.controller_id for hb in batch] for batch in store.batches]
+
+    # A late write could overwrite a newer report sent through another GC.
+    assert await run_aio(scenario) == [["mc-z"], ["mc-b"]]
+
+
+async def test_a_full_backlog_is_refused_at_once(aio_loop: None) -> None:
+    async def scenario() -> tuple[type[BaseException], int]:
+        store = RecordingStore({"mc-a"})
+        batcher = HeartbeatBatcher(store.write_batch, max_queued=2)
+        in_flight = asyncio.ensure_future(batcher.write(heartbeat("mc-a")))
+        await store.started.wait()
+        queued = [in_flight]
+        queued += [asyncio.ensure_future(batcher.write(heartbeat(f"mc-{n}"))) for n in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(DatabaseUnavailable) as refused:
+            await batcher.write(heartbeat("mc-late"))
+        backlog = batcher.statistics().queued
+        store.release.set()
+        await asyncio.gather(*queued)
+        return refused.type, backlog
+
+    refused, backlog = await run_aio(scenario)
+    assert refused is DatabaseUnavailable
+    assert backlog == 2  # waiting behind the statement in flight: the limit
 
 
 async def _register(pool: asyncpg.Pool, *ids: str) -> None:
@@ -189,6 +232,8 @@ async def test_many_concurrent_heartbeats_through_the_batcher_hit_the_database(
         return results, len(batches)
 
     results, statements = await run_aio(hammer)
+    with pytest.raises(ValueError, match="distinct"):
+        await run_aio(meeting_controllers.heartbeat_batch, db_pool, [heartbeat(ids[0])] * 2)
     assert all(result is not None for result in results)
     assert statements < len(ids) / 10  # coalesced, not one statement each
     rows = await run_aio(meeting_controllers.list_all, db_pool)

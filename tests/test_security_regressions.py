@@ -292,6 +292,24 @@ async def test_an_oversized_message_is_refused_from_its_prefix_before_its_body(
     assert response.grpc_message == f"request: larger than {LIMIT} bytes"
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(grpc_frame(b"12345", length=100), id="body-shorter-than-announced"),
+        pytest.param(b"\x00\x00\x01", id="prefix-cut-short"),
+    ],
+)
+async def test_a_stream_that_ends_mid_message_is_invalid_argument(
+    gc: RunningGc, keys: DevKeys, data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = gc.endpoints.grpc_port
+    auth = (b"authorization", f"Bearer {keys.mc_token('mc-1')}".encode())
+    response = await raw_h2_call(port, grpc_headers(port, auth), data, end_stream=True)
+    assert response.grpc_status is Status.INVALID_ARGUMENT, response
+    assert response.grpc_message == "request: message is truncated"
+    assert not [record for record in caplog.records if record.exc_info]
+
+
 async def test_a_body_announced_but_never_sent_times_out(
     gc: RunningGc, keys: DevKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

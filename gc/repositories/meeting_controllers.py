@@ -120,15 +120,9 @@ async def register(pool: asyncpg.Pool, reg: McRegistration) -> None:
     )
 
 
-@translate_errors
-@timed(DB_QUERY_SECONDS, "mc_heartbeat")
-async def heartbeat(pool: asyncpg.Pool, hb: McHeartbeat) -> int | None:
-    """Record a heartbeat; the database time in ms, or ``None`` when the MC is
-    not registered (the caller answers NOT_FOUND so the MC re-registers)."""
-    return await _heartbeat_one(pool, hb)
-
-
 async def _heartbeat_one(pool: asyncpg.Pool, hb: McHeartbeat) -> int | None:
+    """One heartbeat, one row: the database time in ms, or ``None`` when the
+    MC is not registered (the caller answers NOT_FOUND: re-register)."""
     if hb.cpu_usage_percent is None or hb.memory_usage_percent is None:
         result: int | None = await pool.fetchval(
             _FAST_HEARTBEAT, hb.controller_id, hb.current_meetings, hb.current_participants,
@@ -149,11 +143,21 @@ async def heartbeat_batch(pool: asyncpg.Pool, heartbeats: Sequence[McHeartbeat])
     time in ms of each id that is registered (absent ids are not).
 
     Batches from several GCs, or a batch and the health checker's sweep, may
-    lock rows in different orders; PostgreSQL then aborts one of them as a
-    deadlock. A heartbeat is idempotent, so that one is simply run again.
+    lock rows in different orders (the join's plan decides the order);
+    PostgreSQL then aborts one of them as a deadlock. A heartbeat is
+    idempotent, so that one is simply run again. A batch of one (the common
+    case at low load) takes the cheaper single-row statement.
     """
+    if len(heartbeats) == 1:
+        hb = heartbeats[0]
+        timestamp_ms = await _heartbeat_one(pool, hb)
+        return {} if timestamp_ms is None else {hb.controller_id: timestamp_ms}
+    ids = [hb.controller_id for hb in heartbeats]
+    if len(set(ids)) != len(ids):
+        # UPDATE ... FROM would apply an arbitrary one of the duplicates.
+        raise ValueError("heartbeat_batch needs distinct controller ids")
     args = (
-        [hb.controller_id for hb in heartbeats],
+        ids,
         [hb.current_meetings for hb in heartbeats],
         [hb.current_participants for hb in heartbeats],
         [hb.health for hb in heartbeats],
