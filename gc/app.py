@@ -8,7 +8,7 @@ listen and the schema is in place.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -28,7 +28,7 @@ from darktower.gc.schema import apply_schema
 from darktower.shared.db import open_pool, ping
 from darktower.shared.grpc_server import GrpcServer
 from darktower.shared.http_server import run_http
-from darktower.shared.jwks import JwksError, KeyStore
+from darktower.shared.jwks import load_key_store, refresh_keys_periodically
 from darktower.shared.logging import get_logger
 from darktower.shared.seam import asyncio_loop, run_aio
 from darktower.shared.tokens import TokenValidator
@@ -39,33 +39,6 @@ log = get_logger(__name__)
 #: started together, e.g. by ``dt up``); then the GC exits with a clear line.
 _START_ATTEMPTS = 15
 _START_RETRY_DELAY_S = 1.0
-
-
-#: A key withdrawn from the JWKS stops being trusted within this period even
-#: if no token with an unknown ``kid`` triggers a re-fetch.
-_KEY_REFRESH_INTERVAL_S = 300.0
-
-
-async def _refresh_keys_periodically(key_store: KeyStore) -> None:
-    while True:
-        await trio.sleep(_KEY_REFRESH_INTERVAL_S)
-        # A JWKS host that trickles its headers can hold the fetch: stop
-        # waiting (the thread is abandoned, its keys kept) and try next time.
-        with trio.move_on_after(_KEY_LOAD_TIMEOUT_S):
-            await trio.to_thread.run_sync(key_store.refresh, abandon_on_cancel=True)
-
-
-#: Bound on loading the JWKS at start. Each read of a URL is bounded, but a
-#: server trickling its response headers could stretch the whole fetch.
-_KEY_LOAD_TIMEOUT_S = 15.0
-
-
-async def load_key_store(sources: Sequence[str]) -> KeyStore:
-    """Load the JWKS off the event loop (file reads and URL fetches block),
-    failing with :class:`JwksError` rather than hanging the start."""
-    with trio.move_on_after(_KEY_LOAD_TIMEOUT_S):
-        return await trio.to_thread.run_sync(KeyStore, list(sources), abandon_on_cancel=True)
-    raise JwksError(f"not loaded within {_KEY_LOAD_TIMEOUT_S:.0f} s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +140,7 @@ async def run_gc(
             )
             for checker in checkers:
                 await nursery.start(checker.run)
-            nursery.start_soon(_refresh_keys_periodically, key_store)
+            nursery.start_soon(refresh_keys_periodically, key_store)
             log.info(
                 "gc_started",
                 gc_id=config.gc_id,

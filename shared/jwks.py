@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from darktower.shared.keys import b64url_decode, okp_thumbprint
@@ -371,3 +372,34 @@ class KeyStore:
         deadline = time.monotonic() + self._timeout
         with _OPENER.open(request, timeout=self._timeout) as response:
             return _read_capped(response, limit=self._max_bytes, deadline=deadline)
+
+
+#: A key withdrawn from the JWKS stops being trusted within this period even
+#: if no token with an unknown ``kid`` triggers a re-fetch.
+_KEY_REFRESH_INTERVAL_S = 300.0
+
+
+async def refresh_keys_periodically(key_store: KeyStore) -> None:
+    """Trio-flavoured task: re-read the JWKS every few minutes, so a key
+    withdrawn from it stops being trusted even if no unknown ``kid`` ever
+    triggers a re-fetch."""
+    while True:
+        await trio.sleep(_KEY_REFRESH_INTERVAL_S)
+        # A JWKS host that trickles its headers can hold the fetch: stop
+        # waiting (the thread is abandoned, its keys kept) and try next time.
+        with trio.move_on_after(_KEY_LOAD_TIMEOUT_S):
+            await trio.to_thread.run_sync(key_store.refresh, abandon_on_cancel=True)
+
+
+#: Bound on loading the JWKS at start. Each read of a URL is bounded, but a
+#: server trickling its response headers could stretch the whole fetch.
+_KEY_LOAD_TIMEOUT_S = 15.0
+
+
+async def load_key_store(sources: Sequence[str]) -> KeyStore:
+    """Trio-flavoured: load the JWKS off the event loop (file reads and URL
+    fetches block), failing with :class:`JwksError` rather than hanging the
+    start."""
+    with trio.move_on_after(_KEY_LOAD_TIMEOUT_S):
+        return await trio.to_thread.run_sync(KeyStore, list(sources), abandon_on_cancel=True)
+    raise JwksError(f"not loaded within {_KEY_LOAD_TIMEOUT_S:.0f} s")
