@@ -1,1 +1,1 @@
-"""Dark Tower Meeting Controller (implemented by a later issue)."""
+"""Dark Tower Meeting Controller: hosts meetings behind a Redis fencing token."""

@@ -25,6 +25,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from darktower.gc.config import VARIABLES
+from darktower.mc.config import VARIABLES as MC_VARIABLES
 from darktower.shared.db import open_pool
 from darktower.shared.seam import run_aio
 
@@ -46,7 +47,7 @@ def free_port() -> int:
 def child_environ(environ: dict[str, str]) -> dict[str, str]:
     """The test's own environment without any GC configuration it may carry,
     plus ``environ``: the child sees exactly the configuration under test."""
-    names = {var.name for var in VARIABLES}
+    names = {var.name for var in (*VARIABLES, *MC_VARIABLES)}
     inherited = {k: v for k, v in os.environ.items() if k not in names}
     return inherited | environ
 
@@ -68,7 +69,7 @@ class GcProcess:
             for _ in range(int(READY_WITHIN_S / POLL_STEP_S)):
                 if self.process.returncode is not None:
                     pytest.fail(
-                        f"GC exited with {self.process.returncode} before it was ready:\n"
+                        f"process exited with {self.process.returncode} before it was ready:\n"
                         f"{self.stderr()}"
                     )
                 try:
@@ -80,7 +81,7 @@ class GcProcess:
                         assert response.json() == {"status": "ready"}
                         return
                 await trio.sleep(POLL_STEP_S)
-        pytest.fail(f"GC not ready within {READY_WITHIN_S} s:\n{self.stderr()}")
+        pytest.fail(f"process not ready within {READY_WITHIN_S} s:\n{self.stderr()}")
 
     async def metric(self, name: str, **labels: str) -> float:
         """The value of one sample (``name`` and exactly ``labels``) of the
@@ -113,10 +114,34 @@ async def gc_process(
         "GC_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
         "GC_ID": name,
     }
+    async with _service_process("darktower.gc", environ, workdir, name, http_port, grpc_port) as gc:
+        yield gc
+
+
+@asynccontextmanager
+async def mc_process(
+    environ: dict[str, str], workdir: Path, name: str = "mc"
+) -> AsyncIterator[GcProcess]:
+    """``python -m darktower.mc`` on fixed free ports (its id is ``name``);
+    killed if still running when the block ends."""
+    http_port, grpc_port = free_port(), free_port()
+    environ = environ | {
+        "MC_HTTP_ADDR": f"127.0.0.1:{http_port}",
+        "MC_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
+        "MC_ID": name,
+    }
+    async with _service_process("darktower.mc", environ, workdir, name, http_port, grpc_port) as mc:
+        yield mc
+
+
+@asynccontextmanager
+async def _service_process(
+    module: str, environ: dict[str, str], workdir: Path, name: str, http_port: int, grpc_port: int
+) -> AsyncIterator[GcProcess]:
     stderr_path = workdir / f"{name}.stderr"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "darktower.gc"],
+            [sys.executable, "-m", module],
             env=child_environ(environ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -1,0 +1,161 @@
+"""The Meeting Controller as one trio nursery tree (SPEC §7.1).
+
+Start order: Redis (fail fast: the fencing script is loaded, so an
+unreachable Redis stops the start), the actor tree, the gRPC server (so an
+assignment arriving the moment the MC is registered finds it listening), the
+HTTP endpoints, then the GC task. ``stop`` begins the drain of SPEC §7.5:
+refuse new assignments (``DRAINING``, also in the next heartbeat), let hosted
+meetings end within ``MC_DRAIN_TIMEOUT_S``, then cancel the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import coredis
+import psutil
+import trio
+
+from darktower.mc.actors import MeetingControllerActor, OnMeetingEnded
+from darktower.mc.assignment import Assigner
+from darktower.mc.assignment_service import POLICY, MeetingControllerService
+from darktower.mc.capacity import CapacityLedger
+from darktower.mc.config import McConfig
+from darktower.mc.gc_client import GcClient, GcError, open_gc_client
+from darktower.mc.gc_task import GcTask, GcTaskMetrics
+from darktower.mc.http_app import create_app
+from darktower.mc.metrics import FENCED_OUT, GRPC_RPCS, MEETING_FAILURES, REGISTRY
+from darktower.mc.repositories.meeting_state import MeetingStateStore
+from darktower.protos import internal_pb2 as pb
+from darktower.shared.grpc_server import GrpcServer
+from darktower.shared.http_server import run_http
+from darktower.shared.jwks import load_key_store, refresh_keys_periodically
+from darktower.shared.logging import get_logger
+from darktower.shared.seam import asyncio_loop
+from darktower.shared.tokens import TokenValidator
+
+log = get_logger(__name__)
+
+_REDIS_PING_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class McEndpoints:
+    grpc_port: int
+    http_port: int
+
+
+def _health(ledger: CapacityLedger) -> int:
+    if ledger.draining:
+        return pb.DRAINING
+    return pb.HEALTHY if ledger.healthy else pb.UNHEALTHY
+
+
+def _system_usage() -> tuple[float, float]:
+    """Host CPU (since the previous call) and memory, in percent."""
+    return psutil.cpu_percent(interval=None), psutil.virtual_memory().percent
+
+
+async def run_mc(
+    config: McConfig,
+    *,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[McEndpoints] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Trio-flavoured: run the MC until cancelled, or until ``stop`` is set
+    (then drain, bounded, and return)."""
+    key_store = await load_key_store(config.auth_jwks)
+    validator = TokenValidator(key_store)
+    redis: coredis.Redis[Any] = coredis.Redis.from_url(config.redis_url.reveal())
+    async with redis:
+        store = MeetingStateStore(redis)
+        await store.load_scripts()
+        ledger = CapacityLedger(config.max_meetings, config.max_participants)
+        async with (
+            asyncio_loop(),
+            open_gc_client(config.gc_grpc_url, config.service_token) as gc_client,
+            trio.open_nursery() as nursery,
+        ):
+            controller = MeetingControllerActor(
+                ledger,
+                on_meeting_ended=_notifier(gc_client, config.region),
+                empty_meeting_timeout_s=config.empty_meeting_timeout_s,
+                count_meeting_failed=MEETING_FAILURES.inc,
+                count_fenced_out=FENCED_OUT.inc,
+            )
+            await nursery.start(controller.run)
+            assigner = Assigner(
+                mc_id=config.mc_id, ledger=ledger, store=store, controller=controller
+            )
+            grpc = GrpcServer(
+                [MeetingControllerService(assigner)],
+                validator=validator,
+                policy=POLICY,
+                rpc_counter=GRPC_RPCS,
+            )
+            grpc_port = await nursery.start(grpc.run, config.grpc_addr)
+            gc_task = GcTask(
+                gc_client,
+                pb.RegisterMCRequest(
+                    id=config.mc_id,
+                    region=config.region,
+                    grpc_endpoint=config.grpc_endpoint,
+                    webtransport_endpoint=config.webtransport_endpoint,
+                    max_meetings=config.max_meetings,
+                    max_participants=config.max_participants,
+                ),
+                load=ledger.snapshot,
+                health=lambda: _health(ledger),
+                system_usage=_system_usage,
+                metrics=GcTaskMetrics(REGISTRY),
+            )
+
+            async def redis_ping() -> bool:
+                with trio.move_on_after(_REDIS_PING_TIMEOUT_S):
+                    try:
+                        return bool(await redis.ping())
+                    except coredis.exceptions.RedisError:
+                        return False
+                return False
+
+            http_port = await nursery.start(
+                run_http,
+                create_app(
+                    redis_ping=redis_ping,
+                    registered=lambda: gc_task.registered,
+                    draining=lambda: ledger.draining,
+                ),
+                config.http_addr,
+            )
+            await nursery.start(gc_task.run)
+            nursery.start_soon(refresh_keys_periodically, key_store)
+            log.info(
+                "mc_started",
+                mc_id=config.mc_id,
+                region=config.region,
+                grpc_port=grpc_port,
+                http_port=http_port,
+            )
+            task_status.started(McEndpoints(grpc_port, http_port))
+            if stop is not None:
+                await stop.wait()
+                controller.drain()
+                log.info("mc_draining", meetings=ledger.snapshot().meetings)
+                ended = await controller.wait_all_ended(config.drain_timeout_s)
+                log.info("mc_drained", all_meetings_ended=ended)
+                nursery.cancel_scope.cancel()
+
+
+def _notifier(gc_client: GcClient, region: str) -> OnMeetingEnded:
+    async def notify_meeting_ended(meeting_id: str, reason: str) -> None:
+        """Tell the GC a meeting ended here (SPEC §7.4); failures are logged,
+        the GC's cleanup job ends stale assignments anyway."""
+        try:
+            await gc_client.notify_meeting_ended(
+                pb.NotifyMeetingEndedRequest(meeting_id=meeting_id, region=region)
+            )
+        except GcError as exc:
+            log.warning("notify_meeting_ended_failed", meeting_id=meeting_id, error=str(exc))
+
+    return notify_meeting_ended
