@@ -22,10 +22,18 @@ from darktower.mc.assignment import Assigner
 from darktower.mc.assignment_service import POLICY, MeetingControllerService
 from darktower.mc.capacity import CapacityLedger
 from darktower.mc.config import McConfig
+from darktower.mc.fencing_watch import FencingWatch
 from darktower.mc.gc_client import GcClient, GcError, open_gc_client
 from darktower.mc.gc_task import GcTask, GcTaskMetrics
 from darktower.mc.http_app import create_app
-from darktower.mc.metrics import FENCED_OUT, GRPC_RPCS, MEETING_FAILURES, REGISTRY
+from darktower.mc.metrics import (
+    FENCED_OUT,
+    GRPC_RPCS,
+    MEETING_FAILURES,
+    MEETINGS,
+    PARTICIPANTS,
+    REGISTRY,
+)
 from darktower.mc.repositories.meeting_state import MeetingStateStore
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.grpc_server import GrpcServer
@@ -72,6 +80,8 @@ async def run_mc(
         store = MeetingStateStore(redis)
         await store.load_scripts()
         ledger = CapacityLedger(config.max_meetings, config.max_participants)
+        MEETINGS.set_function(lambda: ledger.snapshot().meetings)
+        PARTICIPANTS.set_function(lambda: ledger.snapshot().participants)
         async with (
             asyncio_loop(),
             open_gc_client(config.gc_grpc_url, config.service_token) as gc_client,
@@ -129,6 +139,13 @@ async def run_mc(
                 config.http_addr,
             )
             await nursery.start(gc_task.run)
+            watch = FencingWatch(
+                mc_id=config.mc_id,
+                store=store,
+                controller=controller,
+                interval_s=config.fence_check_interval_s,
+            )
+            await nursery.start(watch.run)
             nursery.start_soon(refresh_keys_periodically, key_store)
             log.info(
                 "mc_started",

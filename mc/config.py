@@ -93,6 +93,10 @@ EMPTY_MEETING_TIMEOUT_S = Var(
 DRAIN_TIMEOUT_S = Var(
     "MC_DRAIN_TIMEOUT_S", "bound on the drain at SIGTERM", parse_float_range(0, 3600), "30"
 )
+FENCE_CHECK_INTERVAL_S = Var(
+    "MC_FENCE_CHECK_INTERVAL_S", "how often hosted meetings are checked against Redis's fence",
+    parse_float_range(0.05, 3600), "5",
+)  # fmt: skip
 SERVICE_TOKEN = Var(
     "MC_SERVICE_TOKEN", "token the MC presents to the GC", _parse_service_token, secret=True
 )
@@ -102,7 +106,7 @@ LOG_LEVEL = Var("MC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", parse_log_level
 VARIABLES: tuple[Var[Any], ...] = (
     REDIS_URL, GC_GRPC_URL, MC_ID, REGION, GRPC_ADDR, GRPC_ENDPOINT, WEBTRANSPORT_ENDPOINT,
     HTTP_ADDR, MAX_MEETINGS, MAX_PARTICIPANTS, EMPTY_MEETING_TIMEOUT_S, DRAIN_TIMEOUT_S,
-    SERVICE_TOKEN, AUTH_JWKS, LOG_LEVEL,
+    FENCE_CHECK_INTERVAL_S, SERVICE_TOKEN, AUTH_JWKS, LOG_LEVEL,
 )  # fmt: skip
 
 
@@ -120,6 +124,7 @@ class McConfig:
     max_participants: int
     empty_meeting_timeout_s: float
     drain_timeout_s: float
+    fence_check_interval_s: float
     service_token: Secret
     # URLs may carry credentials (user-info, query): kept out of repr.
     auth_jwks: tuple[str, ...] = field(repr=False)
@@ -162,6 +167,7 @@ class McConfig:
             max_participants=MAX_PARTICIPANTS.read(environ),
             empty_meeting_timeout_s=EMPTY_MEETING_TIMEOUT_S.read(environ),
             drain_timeout_s=DRAIN_TIMEOUT_S.read(environ),
+            fence_check_interval_s=FENCE_CHECK_INTERVAL_S.read(environ),
             service_token=service_token,
             auth_jwks=AUTH_JWKS.read(environ),
             log_level=LOG_LEVEL.read(environ),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -28,3 +28,5 @@ GRPC_RPCS = Counter(
     ["method", "status"],
     registry=REGISTRY,
 )
+MEETINGS = Gauge("mc_meetings", "Meetings reserved or hosted here", registry=REGISTRY)
+PARTICIPANTS = Gauge("mc_participants", "Participants in meetings hosted here", registry=REGISTRY)

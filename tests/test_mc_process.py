@@ -116,3 +116,74 @@ async def test_an_unreachable_redis_stops_the_start_with_one_line(
     assert status == 1, err
     assert err.splitlines()[-1] == "error: Redis (REDIS_URL) is unreachable"
     assert "Traceback" not in err
+
+
+async def assign_over_grpc(
+    keys: DevKeys, mc: GcProcess, meeting_id: str, generation: int
+) -> pb.AssignMeetingWithMhResponse:
+    request = pb.AssignMeetingWithMhRequest(
+        meeting_id=meeting_id, requesting_gc_id="gc-e2e", generation=generation
+    )
+    async with grpc_channel(mc.grpc_port) as channel:
+        stub = internal_grpc.MeetingControllerServiceStub(channel)
+        reply = await run_aio(
+            stub.AssignMeetingWithMh, request, metadata=metadata(keys.gc_token("gc-e2e"))
+        )
+    assert reply is not None
+    return reply
+
+
+async def poll_metric(process: GcProcess, name: str, value: float) -> None:
+    seen = -1.0
+    for _ in range(int(10 / POLL_STEP_S)):
+        seen = await process.metric(name)
+        if seen == value:
+            return
+        await trio.sleep(POLL_STEP_S)
+    pytest.fail(f"{name} stayed {seen}, expected {value}")
+
+
+async def test_two_mcs_given_one_meeting_the_older_generation_is_fenced_out(
+    aio_loop: None,
+    keys: DevKeys,
+    clean_database: str,
+    redis_server_url: str,
+    tmp_path: Path,
+) -> None:
+    meeting_id = f"e2e-{secrets.token_hex(4)}"
+    gc_env = gc_environ(keys, clean_database, GC_FAST_HEARTBEAT_MS=str(FAST_MS))
+    async with gc_process(gc_env, tmp_path, "gc-e2e") as gc:
+        await gc.wait_ready()
+        envs = {
+            name: mc_environ(keys, gc, redis_server_url, name)
+            | {"MC_FENCE_CHECK_INTERVAL_S": "0.2"}
+            for name in ("mc-first", "mc-second")
+        }
+        async with (
+            mc_process(envs["mc-first"], tmp_path, "mc-first") as first,
+            mc_process(envs["mc-second"], tmp_path, "mc-second") as second,
+        ):
+            await first.wait_ready()
+            await second.wait_ready()
+            assert (await assign_over_grpc(keys, first, meeting_id, 1)).accepted
+            await poll_metric(first, "mc_meetings", 1)
+            # The GC gave the meeting to another MC under a newer generation.
+            assert (await assign_over_grpc(keys, second, meeting_id, 2)).accepted
+
+            await poll_metric(first, "mc_fenced_out_total", 1)
+            await poll_metric(first, "mc_meetings", 0)
+            assert await second.metric("mc_meetings") == 1
+            assert await second.metric("mc_fenced_out_total") == 0
+            assert "event=fenced_out" in first.stderr()
+
+            redis: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
+            async with redis:
+                store = MeetingStateStore(redis)
+                state = await store.read(meeting_id)
+                assert (state.generation, state.owner) == (2, "mc-second")
+                await store.release(meeting_id, 2, "mc-second")
+
+            # Fenced out is not fatal: both keep running and stop cleanly.
+            assert first.process.returncode is None
+            assert await first.stop(signal.SIGTERM) == 0
+            assert await second.stop(signal.SIGTERM) == 0
