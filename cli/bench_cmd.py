@@ -1,10 +1,10 @@
 """``dt bench ...``: the benchmarks of SPEC §10.
 
 Each benchmark is one subcommand registered by a small function here, so
-adding ``join``, ``assign`` or ``all`` is one more ``_add_*`` call; the work
-itself lives in :mod:`darktower.cli.bench`. Options shared by every
-benchmark (database, duration, JSON output) are declared once in
-:func:`_common_options`.
+adding ``join`` or ``all`` is one more ``_add_*`` call; the work itself
+lives in :mod:`darktower.cli.bench`. Options shared by every benchmark
+(duration, JSON output) are declared once in :func:`_common_options`, the
+load shape (workers, connections) in :func:`_load_options`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from darktower.cli.bench.assign import AssignOptions, run_assign
 from darktower.cli.bench.heartbeats import HeartbeatOptions, run_heartbeats
 
 if TYPE_CHECKING:  # subscriptable for type checkers only
@@ -53,7 +54,13 @@ def _database_url(text: str) -> str:
     return text
 
 
-def _common_options(parser: argparse.ArgumentParser) -> None:
+def _redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError("must be a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database-url",
         type=_database_url,
@@ -61,6 +68,9 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
         help="PostgreSQL server DSN; the bench creates and drops its own database there "
         "(default: $DATABASE_URL, else an embedded server)",
     )
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration",
         type=_positive_seconds,
@@ -99,6 +109,15 @@ def _run_heartbeats(args: argparse.Namespace) -> int:
     )
 
 
+def _load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency", type=_positive_int, default=64, metavar="C", help="workers (64)"
+    )
+    parser.add_argument(
+        "--channels", type=_positive_int, default=4, metavar="K", help="HTTP/2 connections (4)"
+    )
+
+
 def _add_heartbeats(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "heartbeats",
@@ -112,13 +131,9 @@ def _add_heartbeats(sub: SubParsers) -> None:
             "missed."
         ),
     )
+    _database_option(parser)
     _common_options(parser)
-    parser.add_argument(
-        "--concurrency", type=_positive_int, default=64, metavar="C", help="workers (64)"
-    )
-    parser.add_argument(
-        "--channels", type=_positive_int, default=4, metavar="K", help="HTTP/2 connections (4)"
-    )
+    _load_options(parser)
     parser.add_argument(
         "--mcs", type=_positive_int, default=1000, metavar="N", help="registered MCs (1000)"
     )
@@ -151,8 +166,49 @@ def _add_heartbeats(sub: SubParsers) -> None:
     parser.set_defaults(func=_run_heartbeats)
 
 
+def _run_assign(args: argparse.Namespace) -> int:
+    return run_assign(
+        AssignOptions(
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            concurrency=args.concurrency,
+            channels=args.channels,
+            redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+            json_path=args.json,
+        )
+    )
+
+
+def _add_assign(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "assign",
+        help="one MC process's AssignMeetingWithMh accept throughput, against the floor",
+        description=(
+            "Start an MC (no GC: assignments do not need one), drive AssignMeetingWithMh "
+            "closed-loop from a separate load-generator process over real gRPC (GC service "
+            "token, a new meeting with two MH assignments per call, fenced Redis claim), then "
+            "do the same against the floor (a bare grpclib server running the MC's fencing "
+            "script with one coredis EVALSHA). Prints accepts/s, P50/P95/P99, the MC/floor "
+            "ratio and the targets; exit 0 even when a target is missed. The MC writes its "
+            "keys unprefixed: on a shared Redis give the bench its own logical database "
+            "(e.g. redis://127.0.0.1:6379/15). Only the bench's own keys are deleted at the "
+            "end; nothing is flushed."
+        ),
+    )
+    parser.add_argument(
+        "--redis-url",
+        type=_redis_url,
+        default=None,
+        help="Redis server (default: $REDIS_URL, else an embedded server)",
+    )
+    _common_options(parser)
+    _load_options(parser)
+    parser.set_defaults(func=_run_assign)
+
+
 def add_parser(subparsers: SubParsers) -> None:
     """Register ``dt bench`` and its benchmarks."""
     bench = subparsers.add_parser("bench", help="benchmarks (SPEC §10)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     _add_heartbeats(sub)
+    _add_assign(sub)

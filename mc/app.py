@@ -46,6 +46,7 @@ from darktower.shared.tokens import TokenValidator
 log = get_logger(__name__)
 
 _REDIS_PING_TIMEOUT_S = 2.0
+_REDIS_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,13 @@ async def run_mc(
     (then drain, bounded, and return)."""
     key_store = await load_key_store(config.auth_jwks)
     validator = TokenValidator(key_store)
-    redis: coredis.Redis[Any] = coredis.Redis.from_url(config.redis_url.reveal())
+    # Bounded connects and replies: a blackholed Redis fails the start, and a
+    # half-open connection cannot stall a claim or the fencing watch.
+    redis: coredis.Redis[Any] = coredis.Redis.from_url(
+        config.redis_url.reveal(),
+        connect_timeout=_REDIS_TIMEOUT_S,
+        stream_timeout=_REDIS_TIMEOUT_S,
+    )
     async with redis:
         store = MeetingStateStore(redis)
         await store.load_scripts()

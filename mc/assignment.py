@@ -11,6 +11,7 @@ Redis.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from darktower.mc.actors import CapacityRejected, MeetingControllerActor, MeetingStopping
@@ -36,11 +37,15 @@ class Assignment:
     mh_assignments: tuple[pb.MhAssignment, ...]
 
     def mh_payload(self) -> list[dict[str, object]]:
-        """What the fenced claim stores for the meeting's media handlers."""
-        return [
-            {"mh_id": mh.mh_id, "webtransport_endpoint": mh.webtransport_endpoint, "role": mh.role}
-            for mh in self.mh_assignments
-        ]
+        return mh_payload(self.mh_assignments)
+
+
+def mh_payload(mh_assignments: Iterable[pb.MhAssignment]) -> list[dict[str, object]]:
+    """What a fenced claim stores for a meeting's media handlers."""
+    return [
+        {"mh_id": mh.mh_id, "webtransport_endpoint": mh.webtransport_endpoint, "role": mh.role}
+        for mh in mh_assignments
+    ]
 
 
 def parse_assignment(request: pb.AssignMeetingWithMhRequest) -> Assignment:
@@ -57,6 +62,11 @@ def parse_assignment(request: pb.AssignMeetingWithMhRequest) -> Assignment:
         endpoint("mh_assignments.webtransport_endpoint", mh.webtransport_endpoint)
         if mh.role not in (pb.MH_ROLE_PRIMARY, pb.MH_ROLE_BACKUP):
             raise InvalidArgument("mh_assignments.role", "must be PRIMARY or BACKUP")
+    roles = [mh.role for mh in request.mh_assignments]
+    if roles.count(pb.MH_ROLE_PRIMARY) != 1 or roles.count(pb.MH_ROLE_BACKUP) > 1:
+        raise InvalidArgument("mh_assignments", "need exactly one PRIMARY and at most one BACKUP")
+    if len({mh.mh_id for mh in request.mh_assignments}) != len(roles):
+        raise InvalidArgument("mh_assignments.mh_id", "must be distinct")
     return Assignment(
         meeting_id=meeting_id,
         generation=request.generation,
@@ -104,10 +114,12 @@ class Assigner:
             raise
         if not claim.ok:
             # A newer generation or another owner holds the meeting: never
-            # retried, and anything this MC still runs for it is stale.
+            # retried. What this MC runs for it is stale only if the fence is
+            # held by another MC - a late, older assignment of a meeting this
+            # MC already owns at a newer generation must not stop it.
             if decision is Decision.ACCEPTED:
                 self._ledger.release(meeting_id)
-            else:
+            elif claim.owner != self._mc_id:
                 self._controller.fenced_out(meeting_id)
             log.error(
                 "assignment_fenced",
@@ -127,6 +139,12 @@ class Assigner:
             )
         except MeetingStopping:
             return self._rejected(assignment, "stopping", None)
+        except BaseException:
+            # No actor took the reserved slot (controller gone, mailbox full,
+            # cancelled): give it back, or it is lost for good.
+            if decision is Decision.ACCEPTED and self._controller.meeting(meeting_id) is None:
+                self._ledger.release(meeting_id)
+            raise
         ASSIGNMENTS.labels("accepted", "").inc()
         log.info(
             "meeting_assigned",

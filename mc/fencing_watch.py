@@ -3,11 +3,12 @@
 An MC that was paused or partitioned may still host a meeting the GC has
 since given to another MC under a newer generation. It finds out on its next
 fenced write: every ``interval_s`` the watch writes each hosted meeting's
-state (``seen_at``) through the fencing script; a refusal (``FENCED_OUT``,
-``SPLIT_BRAIN``, or ``NOT_CLAIMED`` after the meeting was taken over and
-released) stops that meeting here, is counted and logged at error level, and
-the write is never retried. Redis being down is logged and retried at the
-next tick - nothing is dropped on the strength of an outage.
+state (``seen_at``) through the fencing script; a refusal by another MC's
+newer claim (``FENCED_OUT``, ``SPLIT_BRAIN``) stops that meeting here, is
+counted and logged at error level, and the write is never retried. Keys lost
+by Redis (``NOT_CLAIMED``) are claimed again at the meeting's generation.
+Redis being down or failing is logged and retried at the next tick - nothing
+is dropped on the strength of an outage.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ import time
 import trio
 
 from darktower.mc.actors import MeetingControllerActor
-from darktower.mc.repositories.meeting_state import MeetingStateStore, RedisUnavailable
+from darktower.mc.assignment import mh_payload
+from darktower.mc.repositories.meeting_state import (
+    MeetingStateError,
+    MeetingStateStore,
+    WriteOutcome,
+)
 from darktower.shared.logging import get_logger
 
 log = get_logger(__name__)
 
 DEFAULT_INTERVAL_S = 5.0
+#: Bound on one fenced write (a half-open connection must not stall the watch).
+_WRITE_TIMEOUT_S = 5.0
 
 
 class FencingWatch:
@@ -52,13 +60,35 @@ class FencingWatch:
             handle = self._controller.meeting(meeting_id)
             if handle is None:  # ended since the list was taken
                 continue
+            generation = handle.generation
             try:
-                result = await self._store.write(
-                    meeting_id, handle.generation, self._mc_id, {"seen_at": f"{time.time():.3f}"}
-                )
-            except RedisUnavailable as exc:
-                log.warning("fenced_write_failed", meeting_id=meeting_id, error=str(exc))
-                return dropped  # the rest waits for the next tick
+                with trio.fail_after(_WRITE_TIMEOUT_S):
+                    result = await self._store.write(
+                        meeting_id, generation, self._mc_id, {"seen_at": f"{time.time():.3f}"}
+                    )
+                    if result.outcome is WriteOutcome.NOT_CLAIMED:
+                        # Redis lost the meeting's keys (restart without
+                        # persistence, failover, eviction): claim again at
+                        # our generation - the fence still refuses it if
+                        # anything newer exists. Never a reason to drop.
+                        log.warning("fence_reclaimed", meeting_id=meeting_id, generation=generation)
+                        reclaim = await self._store.claim(
+                            meeting_id,
+                            generation,
+                            self._mc_id,
+                            mh_payload(handle.mh_assignments),
+                        )
+                        if reclaim.ok:
+                            continue
+                        result = reclaim  # type: ignore[assignment]
+            except (MeetingStateError, trio.TooSlowError) as exc:
+                # Redis trouble is never a reason to drop a meeting (or to
+                # stop the MC): the rest waits for the next tick.
+                log.warning("fenced_write_failed", meeting_id=meeting_id, error=type(exc).__name__)
+                return dropped
+            if result.owner == self._mc_id or handle.generation != generation:
+                # Our own newer claim landed meanwhile: nothing is stale.
+                continue
             if not result.ok:
                 log.error(
                     "fenced_out",

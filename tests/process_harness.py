@@ -104,11 +104,16 @@ class GcProcess:
 
 @asynccontextmanager
 async def gc_process(
-    environ: dict[str, str], workdir: Path, name: str = "gc"
+    environ: dict[str, str],
+    workdir: Path,
+    name: str = "gc",
+    *,
+    ports: tuple[int, int] | None = None,
 ) -> AsyncIterator[GcProcess]:
-    """``python -m darktower.gc`` on fixed free ports; killed if still
+    """``python -m darktower.gc`` on fixed free ports (or ``ports`` = (http,
+    grpc), e.g. to restart a GC where its MCs expect it); killed if still
     running when the block ends."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = ports if ports is not None else (free_port(), free_port())
     environ = environ | {
         "GC_HTTP_ADDR": f"127.0.0.1:{http_port}",
         "GC_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
@@ -139,6 +144,10 @@ async def _service_process(
     module: str, environ: dict[str, str], workdir: Path, name: str, http_port: int, grpc_port: int
 ) -> AsyncIterator[GcProcess]:
     stderr_path = workdir / f"{name}.stderr"
+    n = 1
+    while stderr_path.exists():  # a restarted process keeps its first log
+        n += 1
+        stderr_path = workdir / f"{name}.{n}.stderr"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", module],

@@ -9,14 +9,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import coredis
+import pytest
 import trio
+import trio.testing
 
-from darktower.mc.actors import MeetingControllerActor
+from darktower.mc.actors import ControllerNotRunning, MeetingControllerActor
 from darktower.mc.assignment import Assigner, Assignment
 from darktower.mc.capacity import CapacityLedger
 from darktower.mc.fencing_watch import FencingWatch
 from darktower.mc.metrics import FENCED_OUT, REGISTRY
-from darktower.mc.repositories.meeting_state import MeetingStateStore, RedisUnavailable
+from darktower.mc.repositories.meeting_state import (
+    MeetingStateError,
+    MeetingStateStore,
+    RedisUnavailable,
+)
 
 MC_ID = "mc-a"
 
@@ -98,3 +104,84 @@ async def test_redis_down_drops_nothing(redis_server_url: str, redis_key_prefix:
         assert await watch.check_all() == []
         assert core.controller.meeting_ids() == ["m-1"]
         assert fenced_out_total() == before
+
+
+async def test_a_late_older_assignment_never_stops_our_newer_meeting(
+    redis_server_url: str, redis_key_prefix: str
+) -> None:
+    async with mc_core(redis_server_url, redis_key_prefix) as core:
+        assert (await core.assigner.assign(Assignment("m-1", 2, "gc-1", ()))).accepted
+        stale = await core.assigner.assign(Assignment("m-1", 1, "gc-2", ()))
+        assert not stale.accepted
+        await trio.testing.wait_all_tasks_blocked()
+        assert core.controller.meeting_ids() == ["m-1"]
+        assert (await core.store.read("m-1")).generation == 2
+        assert await core.watch.check_all() == []
+
+
+async def test_our_own_newer_claim_landing_first_is_not_a_fence_out(
+    redis_server_url: str, redis_key_prefix: str
+) -> None:
+    async with mc_core(redis_server_url, redis_key_prefix) as core:
+        assert (await core.assigner.assign(Assignment("m-1", 1, "gc-1", ()))).accepted
+        # This MC's claim at generation 2 is in Redis; its actor is not
+        # updated yet (the race between a takeover and the watch).
+        assert (await core.store.claim("m-1", 2, MC_ID, [])).ok
+        assert await core.watch.check_all() == []
+        assert core.controller.meeting_ids() == ["m-1"]
+
+
+async def test_keys_lost_by_redis_are_claimed_again_not_dropped(
+    redis_server_url: str, redis_key_prefix: str
+) -> None:
+    async with mc_core(redis_server_url, redis_key_prefix) as core:
+        assert (await core.assigner.assign(Assignment("m-1", 3, "gc-1", ()))).accepted
+        client: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
+        async with client:
+            await client.delete(core.store.keys("m-1"))
+        assert (await core.store.read("m-1")).owner is None
+        assert await core.watch.check_all() == []
+        assert core.controller.meeting_ids() == ["m-1"]
+        state = await core.store.read("m-1")
+        assert (state.generation, state.owner) == (3, MC_ID)
+
+
+class FailingStore(MeetingStateStore):
+    """The real store whose writes meet a Redis error reply (OOM, MISCONF)."""
+
+    async def write(self, *args: Any, **kwargs: Any) -> Any:
+        raise MeetingStateError("ResponseError")
+
+
+async def test_a_redis_error_reply_neither_drops_nor_crashes(
+    redis_server_url: str, redis_key_prefix: str
+) -> None:
+    async with mc_core(redis_server_url, redis_key_prefix) as core:
+        assert (await core.assigner.assign(Assignment("m-1", 1, "gc-1", ()))).accepted
+        client: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
+        watch = FencingWatch(
+            mc_id=MC_ID,
+            store=FailingStore(client, key_prefix=redis_key_prefix),
+            controller=core.controller,
+        )
+        assert await watch.check_all() == []
+        assert core.controller.meeting_ids() == ["m-1"]
+
+
+async def test_a_slot_is_given_back_when_no_actor_takes_it(
+    redis_server_url: str, redis_key_prefix: str
+) -> None:
+    async def on_meeting_ended(meeting_id: str, reason: str) -> None:
+        pass
+
+    client: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
+    async with client:
+        ledger = CapacityLedger(1, 10_000)
+        controller = MeetingControllerActor(  # never started
+            ledger, on_meeting_ended=on_meeting_ended, empty_meeting_timeout_s=300
+        )
+        store = MeetingStateStore(client, key_prefix=redis_key_prefix)
+        assigner = Assigner(mc_id=MC_ID, ledger=ledger, store=store, controller=controller)
+        with pytest.raises(ControllerNotRunning):
+            await assigner.assign(Assignment("m-1", 1, "gc-1", ()))
+        assert ledger.snapshot().meetings == 0

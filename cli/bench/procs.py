@@ -1,4 +1,6 @@
-"""Child processes of a benchmark, CPU accounting and the machine's facts.
+"""Child processes of a benchmark, CPU accounting and the machine's facts,
+and the small pieces every ``dt bench`` run shares (progress lines, the
+throwaway signing key, SIGTERM handling, library versions).
 
 Every process a bench starts is a :class:`Child`: its output goes to a log
 file (or a pipe read by a thread, for the JSON lines it reports), every wait
@@ -17,15 +19,21 @@ import queue
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import psutil
+
+from darktower.shared import keys, tokens
 
 _STOP_GRACE_S = 10.0
 _LOG_TAIL_CHARS = 3000
@@ -33,6 +41,65 @@ _LOG_TAIL_CHARS = 3000
 
 class BenchError(RuntimeError):
     """The bench could not run (a process failed to start or misbehaved)."""
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (the report itself goes to stdout)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the cleanup (children, database,
+    embedded servers, Redis keys, temporary files) runs either way."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str]:
+    """Installed versions of the named distributions (missing ones omitted)."""
+    found: dict[str, str] = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class BenchKeys:
+    """A throwaway signing key and its JWKS, standing in for the AC: the
+    services under test get the JWKS path, the load generators the tokens."""
+
+    directory: Path
+    private_key: keys.Ed25519PrivateKey
+    kid: str
+
+    @classmethod
+    def create(cls, directory: Path) -> BenchKeys:
+        directory.mkdir(mode=0o700)
+        private_key = keys.generate_private_key()
+        keys.save_private_key(private_key, directory / "signing_key.pem")
+        keys.write_jwks(directory / "jwks.json", [keys.public_jwk(private_key.public_key())])
+        return cls(directory, private_key, keys.key_id(private_key.public_key()))
+
+    @property
+    def jwks_path(self) -> Path:
+        return self.directory / "jwks.json"
+
+    def mc_token(self, mc_id: str) -> str:
+        """MC -> GC (aud gc, scope mc.register, sub = the MC)."""
+        return tokens.mint_mc_token(self.private_key, kid=self.kid, mc_id=mc_id)
+
+    def gc_token(self, gc_id: str = "gc-bench") -> str:
+        """GC -> MC (aud mc, scope mc.assign, sub = the GC)."""
+        return tokens.mint_gc_token(self.private_key, kid=self.kid, gc_id=gc_id)
 
 
 def free_port() -> int:
@@ -127,6 +194,14 @@ class Child:
         return self.proc.returncode
 
 
+def stop_and_report(server: Child, label: str) -> None:
+    """Stop a server; show its log if it failed or logged anything (services
+    run at WARNING in a bench, so any line is worth a look)."""
+    status = server.stop()
+    if status not in (0, None) or server.log_path.stat().st_size > 0:
+        progress(f"{label}: exit status {status}\n{server.log_tail()}")
+
+
 def wait_http_ok(child: Child, url: str, timeout_s: float) -> None:
     """Poll ``url`` until it answers 200 (bounded), failing early if the
     process exits: a GC that cannot start must not cost the whole timeout."""
@@ -153,18 +228,20 @@ def wait_http_ok(child: Child, url: str, timeout_s: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class CpuSample:
-    """CPU seconds used so far by the server, the load generator and every
-    PostgreSQL process, and the machine's busy/total seconds."""
+    """CPU seconds used so far by the server, the load generator and the
+    backing store (every PostgreSQL process, or the Redis server), and the
+    machine's busy/total seconds."""
 
     at: float
     server: float
     loadgen: float
-    postgres: float
+    backend: float
     machine_busy: float
     machine_total: float
 
 
-def _process_cpu(pid: int) -> float:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid``; 0 if it is gone."""
     try:
         times = psutil.Process(pid).cpu_times()
     except psutil.Error:
@@ -172,7 +249,7 @@ def _process_cpu(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def _postgres_cpu() -> float:
+def postgres_cpu() -> float:
     """All processes named ``postgres`` (the postmaster and every backend):
     the database is on this machine and competes for the same two cores."""
     total = 0.0
@@ -182,41 +259,48 @@ def _postgres_cpu() -> float:
     return total
 
 
-def cpu_sample(server_pid: int, loadgen_pid: int) -> CpuSample:
+def cpu_sample(
+    server_pid: int, loadgen_pid: int, *, backend_cpu: Callable[[], float] = postgres_cpu
+) -> CpuSample:
+    """Sample now; ``backend_cpu`` measures the backing store (PostgreSQL's
+    processes by default)."""
     machine = psutil.cpu_times()
     idle = machine.idle + getattr(machine, "iowait", 0.0)
     total = sum(machine)
     return CpuSample(
         at=time.monotonic(),
-        server=_process_cpu(server_pid),
-        loadgen=_process_cpu(loadgen_pid),
-        postgres=_postgres_cpu(),
+        server=process_cpu(server_pid),
+        loadgen=process_cpu(loadgen_pid),
+        backend=backend_cpu(),
         machine_busy=total - idle,
         machine_total=total,
     )
 
 
-def cpu_usage(before: CpuSample, after: CpuSample, calls: int) -> dict[str, float | None]:
+def cpu_usage(
+    before: CpuSample, after: CpuSample, calls: int, *, backend_key: str = "postgres"
+) -> dict[str, float | None]:
     """Utilisation over the window (100 = one core fully busy; the machine
     figure is of all cores) and the server's CPU time per call - the cost that
-    does not depend on how busy the other processes kept the cores."""
+    does not depend on how busy the other processes kept the cores. The
+    backing store's figure is ``<backend_key>_pct``."""
     wall = after.at - before.at
     machine_total = after.machine_total - before.machine_total
     if wall <= 0 or machine_total <= 0:
         return {}
     server = 100 * (after.server - before.server) / wall
     loadgen = 100 * (after.loadgen - before.loadgen) / wall
-    postgres = 100 * (after.postgres - before.postgres) / wall
+    backend = 100 * (after.backend - before.backend) / wall
     machine = 100 * (after.machine_busy - before.machine_busy) / machine_total
     cores = os.cpu_count() or 1
     return {
         "server_pct": server,
         "loadgen_pct": loadgen,
-        "postgres_pct": postgres,
+        f"{backend_key}_pct": backend,
         "machine_pct": machine,
         # Kernel work on no process's account (loopback TCP) and, above all,
         # anything else running on the machine: large values mean noise.
-        "other_pct": max(machine * cores - server - loadgen - postgres, 0.0),
+        "other_pct": max(machine * cores - server - loadgen - backend, 0.0),
         "server_us_per_call": (after.server - before.server) * 1e6 / calls if calls else None,
     }
 

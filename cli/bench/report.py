@@ -63,6 +63,38 @@ class SystemRow:
         return sum(int(n) for n in dict(self.result.get("errors", {})).values())
 
 
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The backing store of a benchmark, as the report shows it."""
+
+    #: Human name (``PostgreSQL``, ``Redis``).
+    name: str
+    #: Key of its facts in the machine figures.
+    machine_key: str
+    #: Key of its CPU figure in a row's CPU accounting (``procs.cpu_usage``).
+    cpu_key: str
+    #: Table column heading.
+    column: str
+
+    def describe(self, facts: Mapping[str, Any]) -> str:
+        """The report's line about the store."""
+        if self.machine_key == "postgresql":
+            settings = facts.get("settings", {})
+            return (
+                f"postgres   {facts.get('version', '?')} at {facts.get('where', '?')} "
+                f"(fsync={settings.get('fsync', '?')}, "
+                f"synchronous_commit={settings.get('synchronous_commit', '?')})"
+            )
+        details = ", ".join(f"{k}={v}" for k, v in facts.get("settings", {}).items())
+        return f"{self.machine_key:<11}{facts.get('version', '?')} at {facts.get('where', '?')}" + (
+            f" ({details})" if details else ""
+        )
+
+
+POSTGRES = Backend("PostgreSQL", "postgresql", "postgres_pct", "pg CPU%")
+REDIS = Backend("Redis", "redis", "redis_pct", "redis CPU%")
+
+
 def _num(value: object, fmt: str) -> str:
     return "-" if not isinstance(value, int | float) else format(value, fmt)
 
@@ -75,19 +107,19 @@ def render(
     rows: Sequence[SystemRow],
     extra_lines: Sequence[str],
     targets: Sequence[Target],
+    unit: str = "hb",
+    backend: Backend = POSTGRES,
 ) -> str:
-    """The human-readable report (plain text, fixed-width)."""
-    pg = machine.get("postgresql", {})
-    pg_settings = pg.get("settings", {})
+    """The human-readable report (plain text, fixed-width). ``unit`` names
+    one call (``hb`` -> ``hb/s``, ``srv µs/hb``); ``backend`` is the backing
+    store whose CPU is a column and whose facts are a line."""
     out = [
         f"dt bench {title}",
         "",
         f"machine    {machine['cpu_model']}, {machine['cores']} cores, "
         f"{machine['memory_gib']} GiB; {machine['implementation']} {machine['python']}; "
         f"{machine['busy_before_pct']:.0f}% busy before the run",
-        f"postgres   {pg.get('version', '?')} at {pg.get('where', '?')} "
-        f"(fsync={pg_settings.get('fsync', '?')}, "
-        f"synchronous_commit={pg_settings.get('synchronous_commit', '?')})",
+        backend.describe(machine.get(backend.machine_key, {})),
         "libraries  " + ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items()),
         "load       " + ", ".join(f"{k}={v}" for k, v in settings.items()),
         "",
@@ -99,26 +131,28 @@ def render(
             "",
         ]
     header = (
-        f"{'system':<44}{'hb/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'srv µs/hb':>11}{'srv CPU%':>10}{'gen CPU%':>10}{'pg CPU%':>9}{'all CPU%':>10}"
+        f"{'system':<44}{unit + '/s':>{max(9, len(unit) + 4)}}{'p50 ms':>9}{'p95 ms':>9}"
+        f"{'p99 ms':>9}{'errors':>8}{'srv µs/' + unit:>{max(11, len(unit) + 9)}}"
+        f"{'srv CPU%':>10}{'gen CPU%':>10}{backend.column:>{max(9, len(backend.column) + 1)}}"
+        f"{'all CPU%':>10}"
     )
     out += [header, "-" * len(header)]
     for row in rows:
         latency = row.result.get("latency_ms", {})
         out.append(
-            f"{row.label:<44}{_num(row.throughput, ',.1f'):>9}"
+            f"{row.label:<44}{_num(row.throughput, ',.1f'):>{max(9, len(unit) + 4)}}"
             f"{_num(latency.get('p50'), '.2f'):>9}{_num(latency.get('p95'), '.2f'):>9}"
             f"{_num(latency.get('p99'), '.2f'):>9}{row.errors:>8}"
-            f"{_num(row.cpu.get('server_us_per_call'), ',.0f'):>11}"
+            f"{_num(row.cpu.get('server_us_per_call'), ',.0f'):>{max(11, len(unit) + 9)}}"
             f"{_num(row.cpu.get('server_pct'), '.0f'):>10}"
             f"{_num(row.cpu.get('loadgen_pct'), '.0f'):>10}"
-            f"{_num(row.cpu.get('postgres_pct'), '.0f'):>9}"
+            f"{_num(row.cpu.get(backend.cpu_key), '.0f'):>{max(9, len(backend.column) + 1)}}"
             f"{_num(row.cpu.get('machine_pct'), '.0f'):>10}"
         )
     out += [
         "(CPU% over the measured window: 100 = one core busy; 'all' is of every core.",
-        " srv µs/hb = server CPU time per heartbeat, the cost least dependent on contention.)",
-        *_saturation_notes(rows),
+        f" srv µs/{unit} = server CPU time per call, the cost least dependent on contention.)",
+        *_saturation_notes(rows, backend.name),
         "",
         *extra_lines,
         "",
@@ -128,7 +162,7 @@ def render(
     return "\n".join(out)
 
 
-def _saturation_notes(rows: Sequence[SystemRow]) -> list[str]:
+def _saturation_notes(rows: Sequence[SystemRow], backend_name: str) -> list[str]:
     """Say when a figure is bounded by something other than the server."""
     notes = []
     for row in rows:
@@ -148,7 +182,7 @@ def _saturation_notes(rows: Sequence[SystemRow]) -> list[str]:
         elif machine is not None and machine >= _SATURATED_PCT:
             notes.append(
                 f"note: {row.label}: all cores were {machine:.0f}% busy - server, load "
-                "generator and PostgreSQL shared them (compare srv µs/hb)"
+                f"generator and {backend_name} shared them (compare srv µs per call)"
             )
     return notes
 
