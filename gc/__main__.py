@@ -10,10 +10,9 @@ import trio
 
 from darktower.gc.app import run_gc
 from darktower.gc.config import VARIABLES, GcConfig
-from darktower.shared.config import ConfigError, environ, fail, first_error, help_text
 from darktower.shared.db import DatabaseRefused, DatabaseUnavailable
-from darktower.shared.jwks import JwksError
-from darktower.shared.logging import configure_logging, get_logger
+from darktower.shared.logging import get_logger
+from darktower.shared.service_main import Problem, service_main
 
 log = get_logger("darktower.gc")
 
@@ -37,33 +36,24 @@ async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope
         return
 
 
+def _explain(exc: BaseException) -> Problem | None:
+    if isinstance(exc, DatabaseUnavailable):
+        return Problem.runtime("PostgreSQL (DATABASE_URL) is unreachable")
+    if isinstance(exc, DatabaseRefused):
+        return Problem.config(f"DATABASE_URL: connection refused ({exc})")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(help_text("dt-gc", list(VARIABLES)))
-        return 0
-    if args:
-        fail(f"unexpected argument {args[0]!r} (configuration is by environment; see --help)")
-    try:
-        config = GcConfig.from_env(environ())
-    except ConfigError as exc:
-        fail(str(exc))
-    configure_logging(config.log_level)
-    problem = ""
-    try:
-        trio.run(serve_until_signalled, config)
-    except* JwksError as group:
-        problem = f"configuration error: AUTH_JWKS: {first_error(group)}"
-    except* ConfigError as group:
-        problem = f"configuration error: {first_error(group)}"
-    except* DatabaseUnavailable:
-        problem = "error: PostgreSQL (DATABASE_URL) is unreachable"
-    except* DatabaseRefused as group:
-        problem = f"configuration error: DATABASE_URL: connection refused ({first_error(group)})"
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2 if problem.startswith("configuration") else 1
-    return 0
+    return service_main(
+        "dt-gc",
+        VARIABLES,
+        GcConfig.from_env,
+        lambda config: config.log_level,
+        serve_until_signalled,
+        _explain,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ import trio
 from darktower.mc.app import run_mc
 from darktower.mc.config import VARIABLES, McConfig
 from darktower.mc.repositories.meeting_state import RedisUnavailable
-from darktower.shared.config import ConfigError, environ, fail, first_error, help_text
-from darktower.shared.jwks import JwksError
-from darktower.shared.logging import configure_logging, get_logger
+from darktower.shared.logging import get_logger
+from darktower.shared.service_main import Problem, service_main
 
 log = get_logger("darktower.mc")
 
@@ -41,31 +40,22 @@ async def _on_signals(
         stop.set()
 
 
+def _explain(exc: BaseException) -> Problem | None:
+    if isinstance(exc, RedisUnavailable):
+        return Problem.runtime("Redis (REDIS_URL) is unreachable")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(help_text("dt-mc", list(VARIABLES)))
-        return 0
-    if args:
-        fail(f"unexpected argument {args[0]!r} (configuration is by environment; see --help)")
-    try:
-        config = McConfig.from_env(environ())
-    except ConfigError as exc:
-        fail(str(exc))
-    configure_logging(config.log_level)
-    problem = ""
-    try:
-        trio.run(serve_until_signalled, config)
-    except* JwksError as group:
-        problem = f"configuration error: AUTH_JWKS: {first_error(group)}"
-    except* ConfigError as group:
-        problem = f"configuration error: {first_error(group)}"
-    except* RedisUnavailable:
-        problem = "error: Redis (REDIS_URL) is unreachable"
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2 if problem.startswith("configuration") else 1
-    return 0
+    return service_main(
+        "dt-mc",
+        VARIABLES,
+        McConfig.from_env,
+        lambda config: config.log_level,
+        serve_until_signalled,
+        _explain,
+        argv,
+    )
 
 
 if __name__ == "__main__":
