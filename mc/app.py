@@ -166,6 +166,8 @@ async def run_mc(
                 await stop.wait()
                 controller.drain()
                 log.info("mc_draining", meetings=ledger.snapshot().meetings)
+                # Tell the GC now (SPEC §7.5), not at the next tick.
+                await gc_task.report_now()
                 ended = await controller.wait_all_ended(config.drain_timeout_s)
                 log.info("mc_drained", all_meetings_ended=ended)
                 nursery.cancel_scope.cancel()

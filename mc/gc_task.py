@@ -344,6 +344,20 @@ class GcTask:
             current_participants=load.participants,
         )
 
+    async def report_now(self) -> bool:
+        """Trio-flavoured: send a fast heartbeat at once, outside the schedule
+        (the drain uses it so the GC stops placing meetings here right away,
+        not at the next tick). Whether the GC acknowledged it; never raises
+        for GC trouble, and does nothing while unregistered."""
+        if not self._registered:
+            return False
+        try:
+            await self._send_fast()
+        except GcError as exc:
+            log.warning("report_now_failed", error=str(exc))
+            return False
+        return True
+
     async def _send_fast(self) -> None:
         request = pb.FastHeartbeatRequest(
             controller_id=self._registration.id,

@@ -593,3 +593,28 @@ async def test_metrics_follow_registration_and_heartbeats(
     assert value("mc_gc_heartbeats_total", kind="fast", outcome="ok") == 2
     assert value("mc_gc_heartbeats_total", kind="fast", outcome="failed") == 1
     assert value("mc_gc_registered") == 1
+
+
+async def test_report_now_sends_a_heartbeat_outside_the_schedule(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeGc(down=True)
+    health = [pb.HEALTHY]
+    task = GcTask(fake, registration(), Load, lambda: health[0], lambda: (1.0, 2.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(task.run)
+        assert not await task.report_now()  # not registered: nothing sent
+        assert fake.times("fast") == []
+        fake.down = False
+        await task.wait_registered()
+        await trio.sleep(3)  # between scheduled ticks
+        health[0] = pb.DRAINING
+        sent_at = trio.current_time()
+        assert await task.report_now()
+        fast = [c for c in fake.calls if c.kind == "fast"]
+        assert [c.at for c in fast] == [sent_at]
+        assert isinstance(fast[0].request, pb.FastHeartbeatRequest)
+        assert fast[0].request.health == pb.DRAINING
+        fake.down = True
+        assert not await task.report_now()  # GC trouble: reported, never raised
+        nursery.cancel_scope.cancel()

@@ -100,6 +100,11 @@ async def test_mc_registers_hosts_an_assignment_and_drains_on_sigterm(
             log = mc.stderr()
             assert status == 0, log
             assert "event=mc_draining" in log
+            # The drain was reported at once (the GC stops placing here).
+            rows = await fetch(
+                clean_database, "SELECT controller_id, health_status FROM meeting_controllers"
+            )
+            assert dict((row[0], row[1]) for row in rows)[mc_id] == "draining"
             assert "event=mc_stopped" in log
             assert "Traceback" not in log
 
