@@ -28,7 +28,6 @@ import asyncio
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,9 +35,8 @@ from typing import Any
 
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError
-from hdrh.histogram import HdrHistogram
 
-from darktower.cli.bench.loadgen import _HISTOGRAM_MAX_US, _emit, _error_name, _run_workers
+from darktower.cli.bench.loadgen import _emit, _error_name, measure_closed_loop
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
 
@@ -132,72 +130,27 @@ async def _assignments(
     stubs: Sequence[internal_grpc.MeetingControllerServiceStub],
     metadata: tuple[tuple[str, str], ...],
 ) -> dict[str, object]:
-    """Warm up, then measure; the figures of the measured window."""
-    histogram = HdrHistogram(1, _HISTOGRAM_MAX_US, 3)
-    errors: Counter[str] = Counter()
-    counts = {"ok": 0, "warmup_ok": 0, "warmup_errors": 0}
-    t0 = time.perf_counter_ns()
-    measure_start = t0 + int(config.warmup_s * 1e9)
-    measure_end = measure_start + int(config.duration_s * 1e9)
+    """Warm up, then measure; the figures of the measured window. Every call
+    assigns a new meeting (worker-numbered ids)."""
+    sequences = [0] * config.concurrency
 
-    async def worker(w: int) -> None:
-        stub = stubs[w % len(stubs)]
-        prefix = f"{config.meeting_prefix}{w}-"
-        sequence = 0
-        while True:
-            start = time.perf_counter_ns()
-            if start >= measure_end:
-                return
-            sequence += 1
-            request = assignment_request(config.gc_id, f"{prefix}{sequence}")
-            failure: str | None = None
-            try:
-                response = await stub.AssignMeetingWithMh(
-                    request, timeout=config.timeout_s, metadata=metadata
-                )
-                failure = _rejection(response)
-            except (TimeoutError, GRPCError, OSError) as exc:
-                failure = _error_name(exc)
-            end = time.perf_counter_ns()
-            if end < measure_start:
-                counts["warmup_errors" if failure else "warmup_ok"] += 1
-            elif end <= measure_end:
-                if failure is not None:
-                    errors[failure] += 1
-                else:
-                    counts["ok"] += 1
-                    histogram.record_value(min(max((end - start) // 1000, 1), _HISTOGRAM_MAX_US))
+    async def assign(w: int) -> str | None:
+        sequences[w] += 1
+        request = assignment_request(config.gc_id, f"{config.meeting_prefix}{w}-{sequences[w]}")
+        try:
+            response = await stubs[w % len(stubs)].AssignMeetingWithMh(
+                request, timeout=config.timeout_s, metadata=metadata
+            )
+        except (TimeoutError, GRPCError, OSError) as exc:
+            return _error_name(exc)
+        return _rejection(response)
 
-    async def markers() -> None:
-        await asyncio.sleep(max(measure_start - time.perf_counter_ns(), 0) / 1e9)
-        _emit("measure_start")
-        await asyncio.sleep(max(measure_end - time.perf_counter_ns(), 0) / 1e9)
-        _emit("measure_end")
-
-    marker_task = asyncio.create_task(markers())
-    await _run_workers(config.concurrency, worker)
-    await marker_task
-    seconds = (measure_end - measure_start) / 1e9
-
-    def ms(percentile: float) -> float:
-        return float(histogram.get_value_at_percentile(percentile)) / 1000.0
-
-    ok = counts["ok"]
-    return {
-        "calls": ok,
-        "seconds": seconds,
-        "throughput": ok / seconds if seconds > 0 else 0.0,
-        "latency_ms": {
-            "p50": ms(50.0) if ok else None,
-            "p95": ms(95.0) if ok else None,
-            "p99": ms(99.0) if ok else None,
-            "max": float(histogram.get_max_value()) / 1000.0 if ok else None,
-            "mean": float(histogram.get_mean_value()) / 1000.0 if ok else None,
-        },
-        "errors": dict(errors),
-        "warmup_calls": counts["warmup_ok"],
-        "warmup_errors": counts["warmup_errors"],
-    }
+    return await measure_closed_loop(
+        concurrency=config.concurrency,
+        warmup_s=config.warmup_s,
+        duration_s=config.duration_s,
+        call=assign,
+    )
 
 
 async def run(config: AssignLoadConfig) -> None:

@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,38 +178,30 @@ async def _register(
     return {"seconds": time.perf_counter() - started, "errors": dict(errors)}
 
 
-async def _heartbeats(
-    config: LoadConfig,
-    stubs: Sequence[internal_grpc.GlobalControllerServiceStub],
-    metadata: Sequence[tuple[tuple[str, str], ...]],
+#: One call of a closed-loop worker: the failure's name, or None on success.
+CallOnce = Callable[[int], Awaitable[str | None]]
+
+
+async def measure_closed_loop(
+    *, concurrency: int, warmup_s: float, duration_s: float, call: CallOnce
 ) -> dict[str, object]:
-    """Warm up, then measure; the figures of the measured window."""
-    n = len(config.mc_ids)
-    requests = [heartbeat_request(i, mc_id) for i, mc_id in enumerate(config.mc_ids)]
+    """``concurrency`` workers each ``call(worker_index)`` back to back: a
+    warm-up, then the measured window (latency per call, start to end, in an
+    HdrHistogram). Emits ``measure_start``/``measure_end`` markers so the
+    parent can sample CPU over exactly that window. Shared by every bench."""
     histogram = HdrHistogram(1, _HISTOGRAM_MAX_US, 3)
     errors: Counter[str] = Counter()
     counts = {"ok": 0, "warmup_ok": 0, "warmup_errors": 0}
-    next_index = 0
     t0 = time.perf_counter_ns()
-    measure_start = t0 + int(config.warmup_s * 1e9)
-    measure_end = measure_start + int(config.duration_s * 1e9)
+    measure_start = t0 + int(warmup_s * 1e9)
+    measure_end = measure_start + int(duration_s * 1e9)
 
     async def worker(w: int) -> None:
-        nonlocal next_index
-        stub = stubs[w % len(stubs)]
         while True:
             start = time.perf_counter_ns()
             if start >= measure_end:
                 return
-            index = next_index % n
-            next_index += 1
-            failure: str | None = None
-            try:
-                await stub.FastHeartbeat(
-                    requests[index], timeout=config.timeout_s, metadata=metadata[index]
-                )
-            except (TimeoutError, GRPCError, OSError) as exc:
-                failure = _error_name(exc)
+            failure = await call(w)
             end = time.perf_counter_ns()
             if end < measure_start:
                 counts["warmup_errors" if failure else "warmup_ok"] += 1
@@ -227,7 +219,7 @@ async def _heartbeats(
         _emit("measure_end")
 
     marker_task = asyncio.create_task(markers())
-    await _run_workers(config.concurrency, worker)
+    await _run_workers(concurrency, worker)
     await marker_task
     seconds = (measure_end - measure_start) / 1e9
 
@@ -250,6 +242,36 @@ async def _heartbeats(
         "warmup_calls": counts["warmup_ok"],
         "warmup_errors": counts["warmup_errors"],
     }
+
+
+async def _heartbeats(
+    config: LoadConfig,
+    stubs: Sequence[internal_grpc.GlobalControllerServiceStub],
+    metadata: Sequence[tuple[tuple[str, str], ...]],
+) -> dict[str, object]:
+    """Warm up, then measure; the figures of the measured window."""
+    n = len(config.mc_ids)
+    requests = [heartbeat_request(i, mc_id) for i, mc_id in enumerate(config.mc_ids)]
+    next_index = 0
+
+    async def heartbeat(w: int) -> str | None:
+        nonlocal next_index
+        index = next_index % n
+        next_index += 1
+        try:
+            await stubs[w % len(stubs)].FastHeartbeat(
+                requests[index], timeout=config.timeout_s, metadata=metadata[index]
+            )
+        except (TimeoutError, GRPCError, OSError) as exc:
+            return _error_name(exc)
+        return None
+
+    return await measure_closed_loop(
+        concurrency=config.concurrency,
+        warmup_s=config.warmup_s,
+        duration_s=config.duration_s,
+        call=heartbeat,
+    )
 
 
 async def run(config: LoadConfig) -> None:
