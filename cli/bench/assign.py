@@ -66,11 +66,17 @@ from darktower.cli.bench.procs import (
     machine_facts,
     process_cpu,
     progress,
-    sigterm_as_interrupt,
     stop_and_report,
     wait_http_ok,
 )
-from darktower.cli.bench.report import REDIS, SystemRow, Target, render, target_figures, write_json
+from darktower.cli.bench.report import (
+    REDIS,
+    SystemRow,
+    Target,
+    ratio,
+    run_and_report,
+    target_figures,
+)
 from darktower.mc.config import VARIABLES as MC_VARIABLES
 from darktower.shared.devstack import EmbeddedServerError, embedded_redis
 
@@ -430,18 +436,14 @@ def _settings(options: AssignOptions) -> dict[str, object]:
     }
 
 
-def _ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator > 0 else None
-
-
 def _ratios(rows: list[SystemRow]) -> dict[str, float | None]:
     by_key = {row.key: row.throughput for row in rows}
     cpu = {row.key: row.cpu.get("server_us_per_call") or 0.0 for row in rows}
     return {
-        "mc_to_floor": _ratio(by_key["mc"], by_key["floor"]),
+        "mc_to_floor": ratio(by_key["mc"], by_key["floor"]),
         # Floor CPU per accept over the MC's: the throughput ratio the MC
         # would reach were the server's own CPU the only limit.
-        "cpu_floor_to_mc": _ratio(cpu["floor"], cpu["mc"]),
+        "cpu_floor_to_mc": ratio(cpu["floor"], cpu["mc"]),
     }
 
 
@@ -479,32 +481,13 @@ def _extra_lines(figures: dict[str, Any]) -> list[str]:
 
 
 def run_assign(options: AssignOptions) -> int:
-    """The ``dt bench assign`` handler: 0 whenever the measurement ran
-    (missed targets included), 1 when it could not run, 130 on interrupt."""
-    try:
-        with sigterm_as_interrupt():
-            result = measure(options)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    except (BenchError, EmbeddedServerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        render(
-            title="assign",
-            machine=result.figures["machine"],
-            settings=result.figures["settings"],
-            rows=result.rows,
-            extra_lines=_extra_lines(result.figures),
-            targets=result.targets,
-            unit="accept",
-            backend=REDIS,
-        )
+    """The ``dt bench assign`` handler (see :func:`report.run_and_report`)."""
+    return run_and_report(
+        lambda: measure(options),
+        title="assign",
+        extra_lines=_extra_lines,
+        json_path=options.json_path,
+        unit="accept",
+        backend=REDIS,
+        expected_errors=(BenchError, EmbeddedServerError),
     )
-    if options.json_path is not None:
-        write_json(options.json_path, result.figures)
-        print(f"\nfigures written to {options.json_path}")
-    if not all(target.passed for target in result.targets):
-        print("\nsome targets were missed (FAIL above); this is a measurement: exit status 0")
-    return 0

@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from darktower.cli.bench import database
@@ -42,18 +38,21 @@ from darktower.cli.bench.floor import fast_heartbeat_sql
 from darktower.cli.bench.loadgen import LoadConfig
 from darktower.cli.bench.procs import (
     BenchError,
+    BenchKeys,
     Child,
     CpuSample,
     cpu_sample,
     cpu_usage,
     free_port,
+    library_versions,
     machine_facts,
+    progress,
+    stop_and_report,
     wait_http_ok,
 )
-from darktower.cli.bench.report import SystemRow, Target, render, target_figures, write_json
+from darktower.cli.bench.report import SystemRow, Target, ratio, run_and_report, target_figures
 from darktower.gc.config import VARIABLES as GC_VARIABLES
 from darktower.gc.repositories import meeting_controllers
-from darktower.shared import keys, tokens
 from darktower.shared.devstack import EmbeddedServerError
 
 #: Targets from the issue.
@@ -89,33 +88,6 @@ class HeartbeatOptions:
     health_stale_every: int = 100
 
 
-def _progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True, slots=True)
-class _Keys:
-    """A throwaway signing key and its JWKS, standing in for the AC."""
-
-    directory: Path
-    private_key: keys.Ed25519PrivateKey
-    kid: str
-
-    @classmethod
-    def create(cls, directory: Path) -> _Keys:
-        directory.mkdir(mode=0o700)
-        private_key = keys.generate_private_key()
-        keys.save_private_key(private_key, directory / "signing_key.pem")
-        keys.write_jwks(directory / "jwks.json", [keys.public_jwk(private_key.public_key())])
-        return cls(directory, private_key, keys.key_id(private_key.public_key()))
-
-    def mc_token(self, mc_id: str) -> str:
-        return tokens.mint_mc_token(self.private_key, kid=self.kid, mc_id=mc_id)
-
-    def gc_token(self) -> str:
-        return tokens.mint_gc_token(self.private_key, kid=self.kid, gc_id="gc-bench")
-
-
 @dataclass
 class _Run:
     """The state shared by the phases of one bench run."""
@@ -123,7 +95,7 @@ class _Run:
     options: HeartbeatOptions
     workdir: Path
     dsn: str
-    keys: _Keys
+    keys: BenchKeys
     mc_ids: list[str]
     mc_tokens: list[str]
 
@@ -177,7 +149,7 @@ def _drive(
             event = line.pop("event", None)
             if event == "registered":
                 result["registration"] = line
-                _progress(f"{label}: registered {len(run.mc_ids)} MCs in {line['seconds']:.2f} s")
+                progress(f"{label}: registered {len(run.mc_ids)} MCs in {line['seconds']:.2f} s")
             elif event == "measure_start":
                 before = cpu_sample(server.proc.pid, generator.proc.pid)
             elif event == "measure_end":
@@ -191,7 +163,7 @@ def _drive(
         raise BenchError(f"{server.name} died under load\n{server.log_tail()}")
     cpu = cpu_usage(before, after, int(result["calls"])) if before and after else {}
     result["rows_by_health"] = database.controller_health(run.dsn)
-    _progress(f"{label}: {result['throughput']:,.1f} heartbeats/s, errors {result['errors']}")
+    progress(f"{label}: {result['throughput']:,.1f} heartbeats/s, errors {result['errors']}")
     return SystemRow(key, label, result, cpu)
 
 
@@ -211,13 +183,13 @@ def _run_gc(run: _Run) -> SystemRow:
         GC_DB_POOL_SIZE=str(run.options.pool_size),
         GC_LOG_LEVEL="WARNING",
     )
-    _progress(f"{label}: starting")
+    progress(f"{label}: starting")
     gc = Child.start("gc", [sys.executable, "-m", "darktower.gc"], env=env, log_dir=run.workdir)
     try:
         wait_http_ok(gc, f"http://127.0.0.1:{http_port}/health/ready", _GC_READY_TIMEOUT_S)
         return _drive(run, "gc", label, gc, grpc_port, register=True)
     finally:
-        _stop_and_report(gc, label)
+        stop_and_report(gc, label)
 
 
 def _run_floor(run: _Run, loop: str) -> SystemRow:
@@ -226,7 +198,7 @@ def _run_floor(run: _Run, loop: str) -> SystemRow:
     database.reset_controllers(run.dsn, run.mc_ids)
     env = run.base_env()
     env["DATABASE_URL"] = run.dsn
-    _progress(f"{label}: starting")
+    progress(f"{label}: starting")
     argv = [sys.executable, "-m", "darktower.cli.bench.floor"]
     argv += ["--loop", loop, "--pool-size", str(run.options.pool_size)]
     floor = Child.start(
@@ -242,38 +214,7 @@ def _run_floor(run: _Run, loop: str) -> SystemRow:
             raise BenchError("the plain-asyncio floor loaded trio_asyncio; it is not a floor")
         return _drive(run, key, label, floor, int(ready["port"]), register=False)
     finally:
-        _stop_and_report(floor, label)
-
-
-def _stop_and_report(server: Child, label: str) -> None:
-    """Stop a server; show its log if it failed or logged anything (the GC
-    logs at WARNING here, so any line is worth a look)."""
-    status = server.stop()
-    if status not in (0, None) or server.log_path.stat().st_size > 0:
-        _progress(f"{label}: exit status {status}\n{server.log_tail()}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the cleanup (children, database,
-    embedded server, temporary files) runs either way."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _libraries() -> dict[str, str]:
-    found: dict[str, str] = {}
-    for name in _LIBRARIES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found[name] = metadata.version(name)
-    return found
+        stop_and_report(floor, label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,16 +233,16 @@ def measure(options: HeartbeatOptions) -> Measurement:
         raise BenchError("the floor's statement differs from the GC's")
     server_dsn = options.database_url
     machine = machine_facts()
-    machine["libraries"] = _libraries()
+    machine["libraries"] = library_versions(_LIBRARIES)
     rows: list[SystemRow] = []
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dt-bench-")))
-        _progress(f"database: {database.describe_server(server_dsn)}")
+        progress(f"database: {database.describe_server(server_dsn)}")
         dsn = stack.enter_context(database.bench_database(server_dsn))
         pg = database.prepare(dsn)
         pg["where"] = database.describe_server(server_dsn)
         machine["postgresql"] = pg
-        bench_keys = _Keys.create(workdir / "keys")
+        bench_keys = BenchKeys.create(workdir / "keys")
         mc_ids = [f"mc-bench-{i:05d}" for i in range(options.mcs)]
         mc_tokens = [bench_keys.mc_token(mc_id) for mc_id in mc_ids]
         run = _Run(options, workdir, dsn, bench_keys, mc_ids, mc_tokens)
@@ -309,14 +250,14 @@ def measure(options: HeartbeatOptions) -> Measurement:
         rows.append(_run_floor(run, "asyncio"))
         if options.trio_floor:
             rows.append(_run_floor(run, "trio-asyncio"))
-        _progress(f"health-check statement: {options.health_mcs:,} MCs, {options.health_runs} runs")
+        progress(f"health-check statement: {options.health_mcs:,} MCs, {options.health_runs} runs")
         health = database.time_health_statement(
             dsn,
             mcs=options.health_mcs,
             runs=options.health_runs,
             stale_every=options.health_stale_every,
         )
-        _progress("cleaning up")
+        progress("cleaning up")
     ratios = _ratios(rows)
     targets = _targets(rows, ratios, health)
     figures = {
@@ -344,22 +285,18 @@ def _settings(options: HeartbeatOptions) -> dict[str, object]:
     }
 
 
-def _ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator > 0 else None
-
-
 def _ratios(rows: list[SystemRow]) -> dict[str, float | None]:
     by_key = {row.key: row.throughput for row in rows}
     cpu = {row.key: row.cpu.get("server_us_per_call") or 0.0 for row in rows}
     ratios = {
-        "gc_to_floor_asyncio": _ratio(by_key["gc"], by_key["floor_asyncio"]),
+        "gc_to_floor_asyncio": ratio(by_key["gc"], by_key["floor_asyncio"]),
         # Floor CPU per heartbeat over the GC's: the throughput ratio the GC
         # would reach were the server's own CPU the only limit.
-        "cpu_floor_asyncio_to_gc": _ratio(cpu["floor_asyncio"], cpu["gc"]),
+        "cpu_floor_asyncio_to_gc": ratio(cpu["floor_asyncio"], cpu["gc"]),
     }
     if "floor_trio_asyncio" in by_key:
-        ratios["gc_to_floor_trio_asyncio"] = _ratio(by_key["gc"], by_key["floor_trio_asyncio"])
-        ratios["floor_trio_asyncio_to_floor_asyncio"] = _ratio(
+        ratios["gc_to_floor_trio_asyncio"] = ratio(by_key["gc"], by_key["floor_trio_asyncio"])
+        ratios["floor_trio_asyncio_to_floor_asyncio"] = ratio(
             by_key["floor_trio_asyncio"], by_key["floor_asyncio"]
         )
     return ratios
@@ -428,30 +365,11 @@ def _extra_lines(figures: dict[str, Any]) -> list[str]:
 
 
 def run_heartbeats(options: HeartbeatOptions) -> int:
-    """The ``dt bench heartbeats`` handler: 0 whenever the measurement ran
-    (missed targets included), 1 when it could not run, 130 on interrupt."""
-    try:
-        with _sigterm_as_interrupt():
-            result = measure(options)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    except (BenchError, EmbeddedServerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        render(
-            title="heartbeats",
-            machine=result.figures["machine"],
-            settings=result.figures["settings"],
-            rows=result.rows,
-            extra_lines=_extra_lines(result.figures),
-            targets=result.targets,
-        )
+    """The ``dt bench heartbeats`` handler (see :func:`report.run_and_report`)."""
+    return run_and_report(
+        lambda: measure(options),
+        title="heartbeats",
+        extra_lines=_extra_lines,
+        json_path=options.json_path,
+        expected_errors=(BenchError, EmbeddedServerError),
     )
-    if options.json_path is not None:
-        write_json(options.json_path, result.figures)
-        print(f"\nfigures written to {options.json_path}")
-    if not all(target.passed for target in result.targets):
-        print("\nsome targets were missed (FAIL above); this is a measurement: exit status 0")
-    return 0

@@ -8,10 +8,13 @@ the command still succeeds - the figures are the product, and the targets
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from darktower.cli.bench.procs import sigterm_as_interrupt
 
 #: Above this, the report warns that the machine was not idle.
 _BUSY_WARNING_PCT = 10.0
@@ -193,3 +196,64 @@ def write_json(path: Path, figures: Mapping[str, Any]) -> None:
 
 def target_figures(targets: Sequence[Target]) -> list[dict[str, Any]]:
     return [{**asdict(target), "passed": target.passed} for target in targets]
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``, or None when there is nothing to divide by."""
+    return numerator / denominator if denominator > 0 else None
+
+
+class Measured(Protocol):
+    """What a bench's ``measure`` returns."""
+
+    @property
+    def figures(self) -> dict[str, Any]: ...
+
+    @property
+    def rows(self) -> list[SystemRow]: ...
+
+    @property
+    def targets(self) -> list[Target]: ...
+
+
+def run_and_report(
+    measure: Callable[[], Measured],
+    *,
+    title: str,
+    extra_lines: Callable[[dict[str, Any]], list[str]],
+    json_path: Path | None,
+    unit: str = "hb",
+    backend: Backend = POSTGRES,
+    expected_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """A ``dt bench`` handler's whole life: measure (SIGTERM unwinds like
+    Ctrl-C so cleanup runs), print the report, write the JSON. 0 whenever
+    the measurement ran (missed targets included: it is a measurement), 1
+    when it could not run, 130 on interrupt."""
+    try:
+        with sigterm_as_interrupt():
+            result = measure()
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    except expected_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        render(
+            title=title,
+            machine=result.figures["machine"],
+            settings=result.figures["settings"],
+            rows=result.rows,
+            extra_lines=extra_lines(result.figures),
+            targets=result.targets,
+            unit=unit,
+            backend=backend,
+        )
+    )
+    if json_path is not None:
+        write_json(json_path, result.figures)
+        print(f"\nfigures written to {json_path}")
+    if not all(target.passed for target in result.targets):
+        print("\nsome targets were missed (FAIL above); this is a measurement: exit status 0")
+    return 0
