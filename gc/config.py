@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from darktower.shared.config import (
+    AUTH_JWKS,
+    REGION,
     ConfigError,
     HostPort,
     Secret,
@@ -17,10 +19,9 @@ from darktower.shared.config import (
     parse_float_range,
     parse_host_port,
     parse_int_range,
-    parse_list,
     parse_log_level,
-    parse_node_id,
-    parse_region,
+    parse_optional_node_id,
+    parse_service_token,
 )
 from darktower.shared.keys import KeyFileError, load_private_key
 
@@ -35,32 +36,19 @@ def _parse_key_path(raw: str) -> Path:
     return Path(raw)
 
 
-def _parse_service_token(raw: str) -> Secret:
-    """A compact JWS (three base64url parts): catches a path or a truncated
-    paste at start. Its claims are the receiving MC's business."""
-    parts = raw.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        raise ValueError("not a JWT")
-    return Secret(raw)
-
-
-def _parse_optional_id(raw: str) -> str:
-    return raw and parse_node_id(raw)
-
-
 _MS = parse_int_range(100, 3_600_000)
 
 DATABASE_URL = Var("DATABASE_URL", "PostgreSQL DSN", parse_dsn, secret=True)
 HTTP_ADDR = Var("GC_HTTP_ADDR", "HTTP bind address", parse_host_port, "127.0.0.1:8080")
 GRPC_ADDR = Var("GC_GRPC_ADDR", "gRPC bind address", parse_host_port, "127.0.0.1:50051")
-GC_ID = Var("GC_ID", "this instance's id (unset: gc-<hostname>-<random>)", _parse_optional_id, "")
-REGION = Var("GC_REGION", "region served", parse_region, "local")
-AUTH_JWKS = Var("AUTH_JWKS", "JWKS paths or URLs, comma-separated, merged", parse_list, secret=True)
+GC_ID = Var(
+    "GC_ID", "this instance's id (unset: gc-<hostname>-<random>)", parse_optional_node_id, ""
+)
 SIGNING_KEY = Var(
     "GC_SIGNING_KEY", "Ed25519 private key (PEM path) for meeting tokens", _parse_key_path
 )
 SERVICE_TOKEN = Var(
-    "GC_SERVICE_TOKEN", "token the GC presents to MCs", _parse_service_token, secret=True
+    "GC_SERVICE_TOKEN", "token the GC presents to MCs", parse_service_token, secret=True
 )
 STALE_AFTER_S = Var(
     "GC_STALE_AFTER_S",

@@ -9,47 +9,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from darktower.shared.config import (
+    AUTH_JWKS,
+    REGION,
     ConfigError,
     HostPort,
     Secret,
     Var,
     default_node_id,
+    parse_endpoint,
     parse_float_range,
     parse_host_port,
     parse_int_range,
-    parse_list,
     parse_log_level,
     parse_node_id,
-    parse_region,
+    parse_optional_node_id,
+    parse_service_token,
 )
-from darktower.shared.validation import InvalidArgument, endpoint
-
-
-def _parse_endpoint(raw: str) -> str:
-    try:
-        return endpoint("endpoint", raw)
-    except InvalidArgument:
-        raise ValueError("1-255 characters starting with http:// or https://") from None
 
 
 def _parse_optional_endpoint(raw: str) -> str:
-    return raw and _parse_endpoint(raw)
-
-
-def _parse_optional_id(raw: str) -> str:
-    return raw and parse_node_id(raw)
+    return raw and parse_endpoint(raw)
 
 
 def _parse_redis_url(raw: str) -> Secret:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
-    return Secret(raw)
-
-
-def _parse_service_token(raw: str) -> Secret:
-    parts = raw.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        raise ValueError("not a JWT")
     return Secret(raw)
 
 
@@ -67,18 +51,15 @@ def token_subject(token: Secret) -> str | None:
 
 
 REDIS_URL = Var("REDIS_URL", "Redis URL", _parse_redis_url, secret=True)
-GC_GRPC_URL = Var(
-    "GC_GRPC_URL", "where the GC's gRPC is", _parse_endpoint, "http://127.0.0.1:50051"
-)
-MC_ID = Var("MC_ID", "this MC's id (unset: mc-<hostname>-<random>)", _parse_optional_id, "")
-REGION = Var("GC_REGION", "region served", parse_region, "local")
+GC_GRPC_URL = Var("GC_GRPC_URL", "where the GC's gRPC is", parse_endpoint, "http://127.0.0.1:50051")
+MC_ID = Var("MC_ID", "this MC's id (unset: mc-<hostname>-<random>)", parse_optional_node_id, "")
 GRPC_ADDR = Var("MC_GRPC_ADDR", "gRPC bind address", parse_host_port, "127.0.0.1:50052")
 GRPC_ENDPOINT = Var(
     "MC_GRPC_ENDPOINT", "advertised gRPC endpoint (unset: derived from the bind)",
     _parse_optional_endpoint, "",
 )  # fmt: skip
 WEBTRANSPORT_ENDPOINT = Var(
-    "MC_WEBTRANSPORT_ENDPOINT", "advertised client endpoint", _parse_endpoint,
+    "MC_WEBTRANSPORT_ENDPOINT", "advertised client endpoint", parse_endpoint,
     "https://127.0.0.1:4433",
 )  # fmt: skip
 HTTP_ADDR = Var("MC_HTTP_ADDR", "health + metrics bind address", parse_host_port, "127.0.0.1:8081")
@@ -98,9 +79,8 @@ FENCE_CHECK_INTERVAL_S = Var(
     parse_float_range(0.05, 3600), "5",
 )  # fmt: skip
 SERVICE_TOKEN = Var(
-    "MC_SERVICE_TOKEN", "token the MC presents to the GC", _parse_service_token, secret=True
+    "MC_SERVICE_TOKEN", "token the MC presents to the GC", parse_service_token, secret=True
 )
-AUTH_JWKS = Var("AUTH_JWKS", "JWKS paths or URLs, comma-separated, merged", parse_list, secret=True)
 LOG_LEVEL = Var("MC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", parse_log_level, "INFO")
 
 VARIABLES: tuple[Var[Any], ...] = (

@@ -143,6 +143,25 @@ def parse_region(raw: str) -> str:
     return validation.region("region", raw)
 
 
+def parse_optional_node_id(raw: str) -> str:
+    """A node id, or '' when unset (the service then makes one up)."""
+    return raw and parse_node_id(raw)
+
+
+def parse_endpoint(raw: str) -> str:
+    """The same rule as an endpoint on the wire (1-255, http:// or https://)."""
+    return validation.endpoint("endpoint", raw)
+
+
+def parse_service_token(raw: str) -> Secret:
+    """A compact JWS (three base64url parts): catches a path or a truncated
+    paste at start. Its claims are for the service receiving it to judge."""
+    parts = raw.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        raise ValueError("not a JWT")
+    return Secret(raw)
+
+
 def parse_list(raw: str) -> tuple[str, ...]:
     items = tuple(part.strip() for part in raw.split(",") if part.strip())
     if not items:
@@ -199,3 +218,8 @@ def parse_log_level(raw: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
     return level
+
+
+#: Variables both services read, with one meaning.
+REGION = Var("GC_REGION", "region served", parse_region, "local")
+AUTH_JWKS = Var("AUTH_JWKS", "JWKS paths or URLs, comma-separated, merged", parse_list, secret=True)
