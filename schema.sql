@@ -18,6 +18,10 @@ CREATE TABLE IF NOT EXISTS meetings (
     CONSTRAINT meetings_org_code_unique UNIQUE (org_id, meeting_code)
 );
 
+-- Codes are unique across orgs too: a guest join names a meeting by its code
+-- alone (SPEC §6.5). The per-org constraint stays (it is what §5 promises).
+CREATE UNIQUE INDEX IF NOT EXISTS meetings_code_unique ON meetings (meeting_code);
+
 CREATE TABLE IF NOT EXISTS meeting_controllers (
     controller_id          text PRIMARY KEY
                            CHECK (controller_id ~ '^[A-Za-z0-9_-]{1,255}$'),
@@ -86,7 +90,14 @@ CREATE TABLE IF NOT EXISTS meeting_assignments (
     assigned_at            timestamptz NOT NULL DEFAULT now(),
     assigned_by_gc_id      text NOT NULL,
     ended_at               timestamptz,
-    PRIMARY KEY (meeting_id, region)
+    -- The media handlers handed to the MC and to clients with the assignment;
+    -- no backup when the region has a single MH.
+    primary_mh_id          text NOT NULL REFERENCES media_handlers (handler_id),
+    backup_mh_id           text REFERENCES media_handlers (handler_id),
+    -- One row per meeting and region: a replacement overwrites the old
+    -- assignment in place (there is no history of earlier assignments).
+    PRIMARY KEY (meeting_id, region),
+    CONSTRAINT meeting_assignments_distinct_mhs CHECK (backup_mh_id <> primary_mh_id)
 );
 
 -- Active assignments of one MC (channel invalidation, orphan release, status).
@@ -97,3 +108,17 @@ CREATE INDEX IF NOT EXISTS meeting_assignments_active_by_mc_idx
 CREATE INDEX IF NOT EXISTS meeting_assignments_ended_idx
     ON meeting_assignments (ended_at)
     WHERE ended_at IS NOT NULL;
+
+-- Who may assign a meeting right now (one row per meeting and region): the
+-- holder draws the generation and calls an MC; other joins of the meeting
+-- wait for its record or for the lease to expire (database clock). Every
+-- generation of a meeting is thus drawn by a lease holder, so the recorded
+-- assignment always carries the newest one (see gc/repositories/assignments.py).
+CREATE TABLE IF NOT EXISTS meeting_assignment_leases (
+    meeting_id  uuid NOT NULL,
+    region      text NOT NULL CHECK (char_length(region) BETWEEN 1 AND 50),
+    holder      uuid NOT NULL,
+    gc_id       text NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    PRIMARY KEY (meeting_id, region)
+);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from darktower.cli import bench_cmd, db_cmd, keys_cmd, token_cmd, up_cmd
+from darktower.cli import bench_cmd, db_cmd, join_cmd, keys_cmd, status_cmd, token_cmd, up_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cmd.add_parser(subparsers)
     token_cmd.add_parser(subparsers)
     db_cmd.add_parser(subparsers)
+    status_cmd.add_parser(subparsers)
+    join_cmd.add_parser(subparsers)
     bench_cmd.add_parser(subparsers)
     return parser
 

@@ -8,27 +8,36 @@ listen and the schema is in place.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import asyncpg
 import trio
 
+from darktower.gc.cleanup import AssignmentCleanup
 from darktower.gc.config import GcConfig
 from darktower.gc.health_checker import HealthChecker, NodeStore, SweepResult
 from darktower.gc.http_app import create_app
+from darktower.gc.join_flow import MAX_ATTEMPTS, JoinResult, JoinService
+from darktower.gc.mc_client import McClient
+from darktower.gc.meetings_api import MeetingsApiDeps, meetings_routes
 from darktower.gc.metrics import GRPC_RPCS
+from darktower.gc.rate_limit import RateLimiter
 from darktower.gc.registry_service import (
     POLICY,
     GlobalControllerService,
     MediaHandlerRegistryService,
 )
-from darktower.gc.repositories import media_handlers, meeting_controllers
+from darktower.gc.repositories import media_handlers, meeting_controllers, meetings
+from darktower.gc.repositories.meetings import MeetingRow
 from darktower.gc.schema import apply_schema
-from darktower.shared.db import open_pool, ping
+from darktower.shared.db import DatabaseUnavailable, open_pool, ping
 from darktower.shared.grpc_server import GrpcServer
 from darktower.shared.http_server import run_http
 from darktower.shared.jwks import load_key_store, refresh_keys_periodically
+from darktower.shared.keys import load_private_key
 from darktower.shared.logging import get_logger
 from darktower.shared.seam import asyncio_loop, run_aio
 from darktower.shared.tokens import TokenValidator
@@ -81,6 +90,27 @@ def _node_store(
     return NodeStore(kind, mark_stale, count, do_ping)
 
 
+async def prune_mc_channels(
+    pool: asyncpg.Pool, mc_client: McClient, *, interval_s: float, stale_after_s: float
+) -> None:
+    """Drop cached MC channels of controllers no longer live or whose endpoint
+    changed (SPEC §6.3): a dead MC's connection must not linger, and a
+    re-registered MC is called at its new endpoint."""
+    while True:
+        await trio.sleep(interval_s)
+        try:
+            live = await run_aio(
+                meeting_controllers.live_endpoints, pool, stale_after_s=stale_after_s
+            )
+        except DatabaseUnavailable:
+            continue
+        mc_client.retain(live)
+
+
+async def _close_mc_client(mc_client: McClient) -> None:
+    mc_client.close()
+
+
 async def run_gc(
     config: GcConfig,
     *,
@@ -117,6 +147,62 @@ async def run_gc(
         async def database_ping() -> None:
             await run_aio(ping, pool)
 
+        mc_client = McClient(
+            config.service_token,
+            rpc_timeout_s=config.mc_rpc_timeout_s,
+            connect_timeout_s=config.mc_connect_timeout_s,
+        )
+        join_service = JoinService(
+            pool,
+            mc_client,
+            gc_id=config.gc_id,
+            region=config.region,
+            stale_after_s=config.stale_after_s,
+            # The holder's worst case: every attempt running to its deadline.
+            lease_ttl_s=MAX_ATTEMPTS * config.mc_rpc_timeout_s + 5,
+        )
+
+        async def join(code: str, org_id: uuid.UUID | None, /) -> JoinResult:
+            return await run_aio(join_service.join, code, org_id)
+
+        async def create_meeting(
+            *,
+            org_id: uuid.UUID,
+            created_by: str,
+            display_name: str,
+            allow_guests: bool,
+            max_participants: int,
+        ) -> MeetingRow:
+            return await run_aio(
+                meetings.create,
+                pool,
+                org_id=org_id,
+                created_by=created_by,
+                display_name=display_name,
+                allow_guests=allow_guests,
+                max_participants=max_participants,
+            )
+
+        api_routes = meetings_routes(
+            MeetingsApiDeps(
+                validator=validator,
+                create_meeting=create_meeting,
+                join=join,
+                signing_key=load_private_key(str(config.signing_key)),
+                guest_limiter=RateLimiter(
+                    burst=min(5, config.guest_tokens_per_minute),
+                    refill_interval_s=60 / config.guest_tokens_per_minute,
+                ),
+                request_timeout_s=config.join_timeout_s,
+            )
+        )
+        cleanup = AssignmentCleanup(
+            pool,
+            interval_s=config.cleanup_interval_s,
+            retention_s=config.retention_days * 86400,
+            inactive_after_s=config.inactive_after_s,
+            stale_after_s=config.stale_after_s,
+        )
         checkers = [
             HealthChecker(
                 mc_node_store(pool),
@@ -133,19 +219,37 @@ async def run_gc(
                 on_result=on_sweep,
             ),
         ]
-        async with trio.open_nursery() as nursery:
-            grpc_port = await nursery.start(grpc.run, config.grpc_addr)
-            http_port = await nursery.start(
-                run_http, create_app(database_ping=database_ping), config.http_addr
-            )
-            for checker in checkers:
-                await nursery.start(checker.run)
-            nursery.start_soon(refresh_keys_periodically, key_store)
-            log.info(
-                "gc_started",
-                gc_id=config.gc_id,
-                region=config.region,
-                grpc_port=grpc_port,
-                http_port=http_port,
-            )
-            task_status.started(GcEndpoints(grpc_port, http_port))
+        try:
+            async with trio.open_nursery() as nursery:
+                grpc_port = await nursery.start(grpc.run, config.grpc_addr)
+                http_port = await nursery.start(
+                    run_http,
+                    create_app(database_ping=database_ping, routes=api_routes),
+                    config.http_addr,
+                )
+                for checker in checkers:
+                    await nursery.start(checker.run)
+                await nursery.start(cleanup.run)
+                nursery.start_soon(
+                    partial(
+                        prune_mc_channels,
+                        pool,
+                        mc_client,
+                        interval_s=config.health_check_interval_s,
+                        stale_after_s=config.stale_after_s,
+                    )
+                )
+                nursery.start_soon(refresh_keys_periodically, key_store)
+                log.info(
+                    "gc_started",
+                    gc_id=config.gc_id,
+                    region=config.region,
+                    grpc_port=grpc_port,
+                    http_port=http_port,
+                )
+                task_status.started(GcEndpoints(grpc_port, http_port))
+        finally:
+            # Still inside the asyncio loop: the MC channels close on it
+            # (bounded cleanup, so shielded from the cancellation that ends us).
+            with trio.move_on_after(2, shield=True):
+                await run_aio(_close_mc_client, mc_client)

@@ -72,12 +72,55 @@ LOAD_REPORT_MS = Var("GC_LOAD_REPORT_MS", "load report interval handed to MHs", 
 DB_POOL_SIZE = Var(
     "GC_DB_POOL_SIZE", "PostgreSQL connections per GC process", parse_int_range(1, 200), "10"
 )
+MC_RPC_TIMEOUT_S = Var(
+    "GC_MC_RPC_TIMEOUT_S",
+    "deadline (s) of one AssignMeetingWithMh call to an MC",
+    parse_float_range(0.1, 60),
+    "10",
+)
+MC_CONNECT_TIMEOUT_S = Var(
+    "GC_MC_CONNECT_TIMEOUT_S",
+    "bound (s) on connecting to an MC",
+    parse_float_range(0.1, 60),
+    "5",
+)
+JOIN_TIMEOUT_S = Var(
+    "GC_JOIN_TIMEOUT_S",
+    "deadline (s) of one HTTP request, a join's MC attempts included",
+    parse_float_range(1, 300),
+    "40",
+)
+GUEST_TOKENS_PER_MINUTE = Var(
+    "GC_GUEST_TOKENS_PER_MINUTE",
+    "guest joins allowed per client address per minute",
+    parse_int_range(1, 10_000),
+    "10",
+)
+RETENTION_DAYS = Var(
+    "GC_ASSIGNMENT_RETENTION_DAYS",
+    "days an ended assignment is kept before it is deleted",
+    parse_float_range(0.001, 3650),
+    "7",
+)
+INACTIVE_AFTER_S = Var(
+    "GC_INACTIVE_MEETING_S",
+    "seconds without a join after which a dead MC's assignment is ended",
+    parse_float_range(1, 30 * 86400),
+    "3600",
+)
+CLEANUP_INTERVAL_S = Var(
+    "GC_CLEANUP_INTERVAL_S",
+    "how often (s) the cleanup task runs",
+    parse_float_range(0.1, 86400),
+    "60",
+)
 LOG_LEVEL = Var("GC_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", parse_log_level, "INFO")
 
 VARIABLES: tuple[Var[Any], ...] = (
     DATABASE_URL, HTTP_ADDR, GRPC_ADDR, GC_ID, REGION, AUTH_JWKS, SIGNING_KEY, SERVICE_TOKEN,
     STALE_AFTER_S, HEALTH_CHECK_INTERVAL_S, FAST_HEARTBEAT_MS, COMPREHENSIVE_HEARTBEAT_MS,
-    LOAD_REPORT_MS, DB_POOL_SIZE, LOG_LEVEL,
+    LOAD_REPORT_MS, DB_POOL_SIZE, MC_RPC_TIMEOUT_S, MC_CONNECT_TIMEOUT_S, JOIN_TIMEOUT_S,
+    GUEST_TOKENS_PER_MINUTE, RETENTION_DAYS, INACTIVE_AFTER_S, CLEANUP_INTERVAL_S, LOG_LEVEL,
 )  # fmt: skip
 
 
@@ -98,6 +141,13 @@ class GcConfig:
     comprehensive_heartbeat_ms: int
     load_report_ms: int
     db_pool_size: int
+    mc_rpc_timeout_s: float
+    mc_connect_timeout_s: float
+    join_timeout_s: float
+    guest_tokens_per_minute: int
+    retention_days: float
+    inactive_after_s: float
+    cleanup_interval_s: float
     log_level: str
 
     @classmethod
@@ -119,6 +169,13 @@ class GcConfig:
             comprehensive_heartbeat_ms=COMPREHENSIVE_HEARTBEAT_MS.read(environ),
             load_report_ms=LOAD_REPORT_MS.read(environ),
             db_pool_size=DB_POOL_SIZE.read(environ),
+            mc_rpc_timeout_s=MC_RPC_TIMEOUT_S.read(environ),
+            mc_connect_timeout_s=MC_CONNECT_TIMEOUT_S.read(environ),
+            join_timeout_s=JOIN_TIMEOUT_S.read(environ),
+            guest_tokens_per_minute=GUEST_TOKENS_PER_MINUTE.read(environ),
+            retention_days=RETENTION_DAYS.read(environ),
+            inactive_after_s=INACTIVE_AFTER_S.read(environ),
+            cleanup_interval_s=CLEANUP_INTERVAL_S.read(environ),
             log_level=LOG_LEVEL.read(environ),
         )
         # The health checker's safety argument (gc/health_checker.py): a live
@@ -135,4 +192,6 @@ class GcConfig:
                     "GC_HEALTH_CHECK_INTERVAL_S is too long: 1.5 x it plus "
                     f"{name} must not exceed GC_STALE_AFTER_S"
                 )
+        if config.join_timeout_s <= config.mc_rpc_timeout_s:
+            raise ConfigError("GC_JOIN_TIMEOUT_S must be longer than GC_MC_RPC_TIMEOUT_S")
         return config

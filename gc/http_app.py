@@ -1,28 +1,39 @@
-"""The GC's HTTP API (SPEC §6.5); so far the operational endpoints."""
+"""The GC's HTTP app (SPEC §6.5): the operational endpoints, the JSON error
+shape, and the routes of the meetings API (:mod:`darktower.gc.meetings_api`)
+handed in by the service."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from darktower.gc.metrics import REGISTRY
 from darktower.shared.db import DatabaseUnavailable
 from darktower.shared.metrics import CONTENT_TYPE, exposition
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    """The JSON error shape of SPEC §6.5, with ``Retry-After`` on 503."""
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+def error_response(
+    status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The JSON error shape of SPEC §6.5; a 503 always carries ``Retry-After``
+    (1 s unless ``headers`` says otherwise)."""
+    all_headers = {"Retry-After": "1"} if status == 503 else {}
+    all_headers.update(headers or {})
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status, headers=all_headers or None
+    )
 
 
-def create_app(*, database_ping: Callable[[], Awaitable[None]]) -> Starlette:
+def create_app(
+    *, database_ping: Callable[[], Awaitable[None]], routes: Sequence[BaseRoute] = ()
+) -> Starlette:
     """Trio-flavoured ASGI app. ``database_ping`` raises
-    :class:`DatabaseUnavailable` when PostgreSQL cannot be reached."""
+    :class:`DatabaseUnavailable` when PostgreSQL cannot be reached; ``routes``
+    are served beside the operational endpoints."""
 
     async def live(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -51,6 +62,7 @@ def create_app(*, database_ping: Callable[[], Awaitable[None]]) -> Starlette:
             Route("/health/live", live, methods=["GET"]),
             Route("/health/ready", ready, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *routes,
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal_error},
     )

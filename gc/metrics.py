@@ -51,3 +51,47 @@ GRPC_RPCS = Counter(
     ["method", "status"],
     registry=REGISTRY,
 )
+JOIN_SECONDS = Histogram(
+    "gc_join_seconds",
+    "Join latency at the HTTP API (auth to response), by outcome",
+    ["result"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+JOINS = Counter(
+    "gc_joins",
+    "Joins by result (reused, assigned, not_found, forbidden, invalid, unauthorized, "
+    "rate_limited, no_media_handler, no_controller, assignment_failed, busy, "
+    "database_unavailable)",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+MEETINGS_CREATED = Counter(
+    "gc_meetings_created",
+    "Meetings created through the API",
+    registry=REGISTRY,
+)
+MC_RPCS = Counter(
+    "gc_mc_rpcs",
+    "AssignMeetingWithMh calls to MCs, by status (ok, rejected, or the gRPC status) "
+    "and rejection reason",
+    ["status", "reason"],
+    registry=REGISTRY,
+)
+ASSIGNMENT_RETRIES = Counter(
+    "gc_assignment_retries",
+    "Assignment attempts after the first one (another MC tried after a rejection or failure)",
+    registry=REGISTRY,
+)
+MEETING_ENDED_NOTIFICATIONS = Counter(
+    "gc_meeting_ended_notifications",
+    "NotifyMeetingEnded calls by result (ended, not_owner)",
+    ["result"],
+    registry=REGISTRY,
+)
+CLEANUP_ROWS = Counter(
+    "gc_cleanup_rows",
+    "Assignments the cleanup task touched, by action (deleted, ended)",
+    ["action"],
+    registry=REGISTRY,
+)

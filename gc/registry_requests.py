@@ -6,6 +6,7 @@ ever see values that fit the schema.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from darktower.protos import internal_pb2 as pb
@@ -136,4 +137,17 @@ def mh_load_report(request: pb.MHLoadReportRequest) -> MhLoadReport:
         bandwidth_usage_percent=v.percent(
             "bandwidth_usage_percent", request.bandwidth_usage_percent
         ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MeetingEnded:
+    meeting_id: uuid.UUID
+    region: str
+
+
+def meeting_ended(request: pb.NotifyMeetingEndedRequest) -> MeetingEnded:
+    return MeetingEnded(
+        meeting_id=v.uuid_value("meeting_id", request.meeting_id),
+        region=v.region("region", request.region),
     )

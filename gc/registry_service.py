@@ -19,11 +19,17 @@ from prometheus_client import Counter
 
 from darktower.gc import registry_requests as req
 from darktower.gc.heartbeat_batcher import HeartbeatBatcher
-from darktower.gc.metrics import HEARTBEATS, REGISTRATIONS
-from darktower.gc.repositories import media_handlers, meeting_controllers
+from darktower.gc.metrics import HEARTBEATS, MEETING_ENDED_NOTIFICATIONS, REGISTRATIONS
+from darktower.gc.repositories import assignments, media_handlers, meeting_controllers
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
-from darktower.shared.grpc_server import RequestT, Requirement, recv_request, require_subject
+from darktower.shared.grpc_server import (
+    RequestT,
+    Requirement,
+    current_claims,
+    recv_request,
+    require_subject,
+)
 from darktower.shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -115,8 +121,28 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
     async def NotifyMeetingEnded(
         self, stream: Stream[pb.NotifyMeetingEndedRequest, pb.NotifyMeetingEndedResponse]
     ) -> None:
-        await recv_request(stream)
-        raise GRPCError(Status.UNIMPLEMENTED, "meeting assignment is not available yet")
+        """Soft-delete the caller's assignment of the meeting (SPEC §6.4).
+
+        Only the owning MC ends a meeting: an MC that lost an assignment race,
+        or was replaced after an outage, reports the end of a meeting it no
+        longer owns, and that must not end the owner's. Such a report is
+        acknowledged as ``False`` - not an error, the MC did nothing wrong."""
+        ended = req.meeting_ended(await recv_request(stream))
+        controller_id = current_claims().sub
+        owned = await assignments.end_by_owner(
+            self._pool,
+            meeting_id=ended.meeting_id,
+            region=ended.region,
+            controller_id=controller_id,
+        )
+        MEETING_ENDED_NOTIFICATIONS.labels("ended" if owned else "not_owner").inc()
+        log.info(
+            "meeting_ended",
+            meeting_id=str(ended.meeting_id),
+            controller_id=controller_id,
+            owner=owned,
+        )
+        await stream.send_message(pb.NotifyMeetingEndedResponse(acknowledged=owned))
 
 
 class MediaHandlerRegistryService(internal_grpc.MediaHandlerRegistryServiceBase):

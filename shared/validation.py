@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 
 #: PostgreSQL ``integer`` (int4): wire ``uint32`` values beyond it are refused,
 #: never clamped (SPEC §6.1).
@@ -73,3 +74,13 @@ def percent(field: str, value: float) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
         raise InvalidArgument(field, "must be a number between 0 and 100")
     return value
+
+
+def uuid_value(field: str, value: str) -> uuid.UUID:
+    """A UUID in its canonical 36-character text form (any case)."""
+    if len(value) != 36:
+        raise InvalidArgument(field, "must be a UUID")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument(field, "must be a UUID") from None

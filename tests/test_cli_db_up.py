@@ -17,7 +17,13 @@ from darktower.cli.__main__ import main as dt_main
 
 pytest_plugins = ("gc_fixtures",)  # empty_database
 
-TABLES = {"meetings", "meeting_controllers", "media_handlers", "meeting_assignments"}
+TABLES = {
+    "meetings",
+    "meeting_controllers",
+    "media_handlers",
+    "meeting_assignments",
+    "meeting_assignment_leases",
+}
 _TABLES_QUERY = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
 
 

@@ -35,7 +35,13 @@ from darktower.shared.devstack import (
 )
 from darktower.shared.seam import run_aio
 
-SCHEMA_TABLES = {"meetings", "meeting_controllers", "media_handlers", "meeting_assignments"}
+SCHEMA_TABLES = {
+    "meetings",
+    "meeting_controllers",
+    "media_handlers",
+    "meeting_assignments",
+    "meeting_assignment_leases",
+}
 SCHEMA_SEQUENCES = {"meeting_generation_seq"}
 
 

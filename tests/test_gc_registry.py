@@ -701,16 +701,6 @@ async def test_stale_mc_recovers_on_its_next_heartbeat(
     assert await run_aio(meeting_controllers.mark_stale_unhealthy, db_pool, 30.0) == []
 
 
-async def test_notify_meeting_ended_is_unimplemented(clients: GcClients, keys: DevKeys) -> None:
-    await register_mc(clients, keys)
-    error = await call_error(
-        clients.mc.NotifyMeetingEnded,
-        pb.NotifyMeetingEndedRequest(meeting_id="m-1", region="local"),
-        keys.mc_token("mc-1"),
-    )
-    assert error.status is Status.UNIMPLEMENTED
-
-
 # --- media handlers ------------------------------------------------------------------------
 
 

@@ -122,3 +122,42 @@ async def get(pool: asyncpg.Pool, handler_id: str) -> MediaHandlerRow | None:
 @translate_errors
 async def list_all(pool: asyncpg.Pool) -> list[MediaHandlerRow]:
     return [MediaHandlerRow(**dict(row)) for row in await pool.fetch(_LIST)]
+
+
+# --- the join's view (SPEC §6.3) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MhCandidate:
+    handler_id: str
+    zone: str
+    webtransport_endpoint: str
+    current_streams: int
+    max_streams: int
+    health_status: str  # "healthy" | "degraded"
+
+
+# Degraded MHs are candidates (the selection halves their score); ties go by
+# id so the order is total.
+_ASSIGNMENT_CANDIDATES = """
+SELECT handler_id, zone, webtransport_endpoint, current_streams, max_streams, health_status
+FROM media_handlers
+WHERE region = $1
+  AND health_status IN ('healthy', 'degraded')
+  AND last_heartbeat_at > now() - make_interval(secs => $2)
+  AND current_streams < max_streams
+ORDER BY current_streams::float8 / max_streams, handler_id
+LIMIT $3
+"""
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mh_assignment_candidates")
+async def assignment_candidates(
+    pool: asyncpg.Pool, *, region: str, stale_after_s: float, limit: int = 20
+) -> list[MhCandidate]:
+    """Up to ``limit`` MHs a meeting may use: ``healthy`` or ``degraded``,
+    reporting within ``stale_after_s`` (database clock), in ``region``, with
+    free streams; least loaded (by ratio) first."""
+    rows = await pool.fetch(_ASSIGNMENT_CANDIDATES, region, stale_after_s, limit)
+    return [MhCandidate(**dict(row)) for row in rows]

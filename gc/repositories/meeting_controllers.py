@@ -198,3 +198,81 @@ async def get(pool: asyncpg.Pool, controller_id: str) -> MeetingControllerRow | 
 @translate_errors
 async def list_all(pool: asyncpg.Pool) -> list[MeetingControllerRow]:
     return [MeetingControllerRow(**dict(row)) for row in await pool.fetch(_LIST)]
+
+
+# --- the join's view (SPEC §6.3) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class McCandidate:
+    controller_id: str
+    grpc_endpoint: str
+    webtransport_endpoint: str
+    current_meetings: int
+    max_meetings: int
+
+
+# The generation is drawn in the same round trip (a CTE with a volatile
+# function runs exactly once); LEFT JOIN LATERAL keeps the row, and so the
+# generation, when there is no candidate. Ties beyond load ratio and
+# heartbeat go by id, so the order is total.
+_ASSIGNMENT_CANDIDATES = """
+WITH g AS (SELECT nextval('meeting_generation_seq') AS generation)
+SELECT g.generation, c.controller_id, c.grpc_endpoint, c.webtransport_endpoint,
+       c.current_meetings, c.max_meetings
+FROM g LEFT JOIN LATERAL (
+    SELECT controller_id, grpc_endpoint, webtransport_endpoint, current_meetings, max_meetings
+    FROM meeting_controllers
+    WHERE region = $1
+      AND health_status = 'healthy'
+      AND last_heartbeat_at > now() - make_interval(secs => $2)
+      AND current_meetings < max_meetings
+      AND controller_id <> all($3::text[])
+    ORDER BY current_meetings::float8 / max_meetings, last_heartbeat_at DESC, controller_id
+    LIMIT $4
+) AS c ON true
+"""
+
+_LIVE_ENDPOINTS = """
+SELECT controller_id, grpc_endpoint FROM meeting_controllers
+WHERE health_status = 'healthy' AND last_heartbeat_at > now() - make_interval(secs => $1)
+"""
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mc_assignment_candidates")
+async def assignment_candidates(
+    pool: asyncpg.Pool,
+    *,
+    region: str,
+    stale_after_s: float,
+    exclude: Sequence[str],
+    limit: int = 5,
+) -> tuple[int, list[McCandidate]]:
+    """A new generation (the fencing token of this attempt, strictly greater
+    than every one drawn before) and the top ``limit`` MCs a meeting may go
+    to: ``healthy``, heartbeating within ``stale_after_s`` (database clock),
+    in ``region``, with room, not in ``exclude``; least loaded (by ratio)
+    first, then freshest heartbeat. One statement."""
+    rows = await pool.fetch(_ASSIGNMENT_CANDIDATES, region, stale_after_s, list(exclude), limit)
+    candidates = [
+        McCandidate(
+            controller_id=row["controller_id"],
+            grpc_endpoint=row["grpc_endpoint"],
+            webtransport_endpoint=row["webtransport_endpoint"],
+            current_meetings=row["current_meetings"],
+            max_meetings=row["max_meetings"],
+        )
+        for row in rows
+        if row["controller_id"] is not None
+    ]
+    generation: int = rows[0]["generation"]
+    return generation, candidates
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "mc_live_endpoints")
+async def live_endpoints(pool: asyncpg.Pool, *, stale_after_s: float) -> dict[str, str]:
+    """``controller_id`` → gRPC endpoint of every live MC (``healthy`` and
+    heartbeating within ``stale_after_s``): the channels worth keeping."""
+    return {row[0]: row[1] for row in await pool.fetch(_LIVE_ENDPOINTS, stale_after_s)}

@@ -1,0 +1,286 @@
+"""The GC's client of the Meeting Controllers (GC → MC gRPC, SPEC §3, §6.3).
+
+Asyncio-flavoured: the join flow calls :meth:`McClient.assign` from its own
+asyncio-flavoured code, so a join crosses the trio/asyncio seam once for the
+whole flow, not once per MC call.
+
+Channels. SPEC §6.3 wants one HTTP/2 connection per MC, reused, and dropped
+when the MC's endpoint changes or it stops being healthy. So there is one
+grpclib ``Channel`` per controller id: replaced when the controller shows up
+with another endpoint, dropped after a transport failure (the next call starts
+afresh) and dropped by :meth:`McClient.retain` when the controller is no
+longer live. A dropped channel still carrying RPCs of concurrent joins is
+closed only when the last of them finishes - closing it at once would abort
+calls that may already have been accepted by the MC.
+
+Time bounds (SPEC §6.3: connect 5 s, RPC 10 s). grpclib has no connect
+timeout and connects inside the first call, bounded only by the call's
+deadline; so we connect first, bounded by the connect timeout (a no-op on a
+channel that is already connected), then make the call with what is left of
+the RPC deadline - passed to grpclib, which also sends it to the MC as
+``grpc-timeout`` so the MC can stop working on a call nobody waits for, and
+enforced again around the call on the loop's clock. All of these are asyncio
+timers, which inside trio-asyncio run on trio's clock (so tests drive them
+with a ``MockClock``).
+
+Failures never leave this module as exceptions: :meth:`McClient.assign`
+returns an :class:`AssignOutcome`, and the join flow decides (exclude the MC,
+try another). Library exceptions are translated in one place
+(:func:`_failure`):
+
+===========================================  ====================  ===============
+what happened                                ``status``            channel
+===========================================  ====================  ===============
+MC answered ``accepted``                     ``ok``                kept
+MC answered with a rejection                 ``rejected``          kept
+MC answered with gRPC status X               ``x`` (lowercase)     kept
+RPC deadline passed                          ``deadline_exceeded`` dropped
+connect refused/reset/timed out, TLS error,  ``unavailable``       dropped
+connection lost, HTTP/2 protocol error,
+malformed endpoint
+anything else (e.g. an undecodable answer)   ``unknown``           dropped
+===========================================  ====================  ===============
+
+A deadline drops the channel too: from here a stalled MC and a black-holed
+connection look the same, and a dead connection that is never dropped would
+fail every later call to that MC.
+
+The service token is sent as ``authorization: Bearer <token>`` on every call;
+it never appears in logs, outcomes or ``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from darktower.protos import internal_grpc
+from darktower.protos import internal_pb2 as pb
+from darktower.shared.config import Secret
+from darktower.shared.logging import get_logger
+
+__all__ = ["CONNECT_TIMEOUT_S", "RPC_TIMEOUT_S", "AssignOutcome", "McClient"]
+
+log = get_logger(__name__)
+
+#: SPEC §6.3: the deadline of an ``AssignMeetingWithMh`` call, connect included.
+RPC_TIMEOUT_S = 10.0
+#: SPEC §6.3: how long establishing the connection to an MC may take.
+CONNECT_TIMEOUT_S = 5.0
+
+_REASONS: dict[int, str] = {
+    pb.REJECTION_REASON_UNSPECIFIED: "unspecified",
+    pb.REJECTION_REASON_AT_CAPACITY: "at_capacity",
+    pb.REJECTION_REASON_DRAINING: "draining",
+    pb.REJECTION_REASON_UNHEALTHY: "unhealthy",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AssignOutcome:
+    """What became of one ``AssignMeetingWithMh`` call.
+
+    ``status`` is ``"ok"``, ``"rejected"``, or the lowercase name of the gRPC
+    status that ended the call (``"unavailable"``, ``"deadline_exceeded"``,
+    ``"permission_denied"``, ...); ``reason`` is the MC's rejection reason
+    (``"at_capacity"``, ``"draining"``, ``"unhealthy"``, ``"unspecified"``)
+    when ``status`` is ``"rejected"``, else ``""``. Both are safe for logs
+    and metric labels.
+    """
+
+    accepted: bool
+    reason: str
+    status: str
+
+
+_ACCEPTED = AssignOutcome(accepted=True, reason="", status="ok")
+_UNAVAILABLE = AssignOutcome(accepted=False, reason="", status="unavailable")
+_DEADLINE_EXCEEDED = AssignOutcome(accepted=False, reason="", status="deadline_exceeded")
+_UNKNOWN = AssignOutcome(accepted=False, reason="", status="unknown")
+
+
+class _InvalidEndpoint(ValueError):
+    pass
+
+
+def _host_port(endpoint: str) -> tuple[str, int, bool]:
+    """``http(s)://host[:port]`` → host, port, TLS (registration only checks
+    the scheme, so anything else is refused here)."""
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        raise _InvalidEndpoint from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _InvalidEndpoint
+    tls = parts.scheme == "https"
+    return parts.hostname, port or (443 if tls else 80), tls
+
+
+class _Entry:
+    """One controller's channel, and how many calls are using it."""
+
+    __slots__ = ("channel", "endpoint", "in_flight", "retired", "stub")
+
+    def __init__(self, endpoint: str, channel: Channel) -> None:
+        self.endpoint = endpoint
+        self.channel = channel
+        self.stub = internal_grpc.MeetingControllerServiceStub(channel)
+        self.in_flight = 0
+        self.retired = False
+
+
+def _failure(exc: Exception, *, connecting: bool) -> AssignOutcome:
+    """The one exception map of this module: the outcome for a library
+    exception raised while connecting to or calling an MC."""
+    if isinstance(exc, GRPCError):
+        return AssignOutcome(accepted=False, reason="", status=exc.status.name.lower())
+    if isinstance(exc, TimeoutError):
+        return _UNAVAILABLE if connecting else _DEADLINE_EXCEEDED
+    if isinstance(exc, OSError | StreamTerminatedError | ProtocolError | _InvalidEndpoint):
+        return _UNAVAILABLE
+    return _UNKNOWN
+
+
+class McClient:
+    """Asyncio-flavoured ``AssignMeetingWithMh`` caller with one cached channel
+    per controller. Create, use and :meth:`close` it on the asyncio loop.
+
+    ``service_token`` is the GC service token (SPEC §4: ``aud`` mc, ``scope``
+    mc.assign). ``rpc_timeout_s`` bounds a whole call, connecting included;
+    ``connect_timeout_s`` bounds establishing the connection.
+    """
+
+    def __init__(
+        self,
+        service_token: str | Secret,
+        *,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self._token = service_token if isinstance(service_token, Secret) else Secret(service_token)
+        self._rpc_timeout_s = rpc_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._entries: dict[str, _Entry] = {}
+        #: Dropped channels that still carry calls; closed by the last one.
+        self._retired: set[_Entry] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"McClient(channels={len(self._entries)})"
+
+    def channel_count(self) -> int:
+        """How many controllers have a cached channel (tests, metrics)."""
+        return len(self._entries)
+
+    async def assign(
+        self, *, controller_id: str, endpoint: str, request: pb.AssignMeetingWithMhRequest
+    ) -> AssignOutcome:
+        """Asyncio-flavoured: offer the meeting in ``request`` to the MC
+        ``controller_id`` at ``endpoint`` (its registered gRPC endpoint).
+
+        Returns within the RPC timeout, and never raises for MC trouble
+        (only cancellation of the caller propagates).
+        """
+        if self._closed:
+            return _UNAVAILABLE
+        try:
+            entry = self._entry(controller_id, endpoint)
+        except _InvalidEndpoint as exc:
+            log.warning("mc_endpoint_invalid", controller_id=controller_id)
+            return _failure(exc, connecting=True)
+        entry.in_flight += 1
+        try:
+            outcome, transport_failed = await self._call(entry, request)
+            if transport_failed:
+                self._retire(controller_id, entry)
+        finally:
+            entry.in_flight -= 1
+            # After close(), a call that was connecting may have reconnected
+            # the closed channel: close it again rather than leak it.
+            if self._closed or (entry.retired and entry.in_flight == 0):
+                self._close_entry(entry)
+        if outcome.status == "unknown":
+            log.warning("mc_assign_unexpected_answer", controller_id=controller_id)
+        return outcome
+
+    async def _call(
+        self, entry: _Entry, request: pb.AssignMeetingWithMhRequest
+    ) -> tuple[AssignOutcome, bool]:
+        """The outcome of one call, and whether the channel must be dropped."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # A connect timeout not shorter than the RPC's is just the RPC deadline.
+        connect_s = min(self._connect_timeout_s, self._rpc_timeout_s)
+        connecting = self._connect_timeout_s < self._rpc_timeout_s  # a timeout now: connect
+        try:
+            async with asyncio.timeout(connect_s):
+                await entry.channel.__connect__()
+            connecting = False
+            remaining = self._rpc_timeout_s - (loop.time() - started)
+            if remaining <= 0:
+                raise TimeoutError
+            metadata = {"authorization": f"Bearer {self._token.reveal()}"}
+            async with asyncio.timeout(remaining):
+                reply = await entry.stub.AssignMeetingWithMh(
+                    request, timeout=remaining, metadata=metadata
+                )
+        except GRPCError as exc:
+            return _failure(exc, connecting=False), False
+        except Exception as exc:  # translated, never raised: see the module docstring
+            return _failure(exc, connecting=connecting), True
+        if reply.accepted:
+            return _ACCEPTED, False
+        reason = _REASONS.get(reply.rejection_reason, "unspecified")
+        return AssignOutcome(accepted=False, reason=reason, status="rejected"), False
+
+    def _entry(self, controller_id: str, endpoint: str) -> _Entry:
+        entry = self._entries.get(controller_id)
+        if entry is not None:
+            if entry.endpoint == endpoint:
+                return entry
+            self._retire(controller_id, entry)
+        host, port, tls = _host_port(endpoint)
+        entry = _Entry(endpoint, Channel(host, port, ssl=True if tls else None))
+        self._entries[controller_id] = entry
+        return entry
+
+    def retain(self, live: Mapping[str, str]) -> None:
+        """Drop the channels of controllers not in ``live`` (controller id →
+        gRPC endpoint of the live MCs), or whose endpoint differs there.
+
+        Calls in progress on a dropped channel finish first.
+        """
+        for controller_id, entry in list(self._entries.items()):
+            if live.get(controller_id) != entry.endpoint:
+                self._retire(controller_id, entry)
+
+    def close(self) -> None:
+        """Close every channel, including those still carrying calls (they
+        end as ``unavailable``); later calls return ``unavailable``. Call it
+        on the asyncio loop (closing a channel closes its transport)."""
+        self._closed = True
+        for entry in [*self._entries.values(), *self._retired]:
+            entry.channel.close()
+        self._entries.clear()
+        self._retired.clear()
+
+    def _retire(self, controller_id: str, entry: _Entry) -> None:
+        if self._entries.get(controller_id) is entry:
+            del self._entries[controller_id]
+        if entry.retired:
+            return
+        entry.retired = True
+        if entry.in_flight == 0:
+            entry.channel.close()
+        else:
+            self._retired.add(entry)
+
+    def _close_entry(self, entry: _Entry) -> None:
+        self._retired.discard(entry)
+        entry.channel.close()

@@ -1,0 +1,407 @@
+"""SQL for the ``meeting_assignments`` table and its leases (asyncio-flavoured).
+
+Why a lease. Concurrent first joins of one meeting would each call an MC and
+race at the record; a loser whose MC claimed a *higher* generation than the
+recorded winner would then fence the winner out of Redis (SPEC §7.3). So a GC
+takes the meeting's lease (``meeting_assignment_leases``) before it draws a
+generation and calls an MC, and :func:`record` consumes that lease: every
+generation of a meeting is drawn by a lease holder, and the recorded
+assignment always carries the newest one. A GC that takes over a lease must
+look for an active assignment again (:func:`find_active`) before it draws a
+generation: the previous holder may have recorded in between.
+
+:func:`record` still keeps SPEC §6.3 step 7's rule on its own: it never
+replaces a live active assignment, and a loser gets the winner's.
+
+There is one row per (meeting, region): a replacement overwrites the old
+assignment in place - the old one ends by being overwritten, no history is
+kept. Staleness is always judged on the database clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from darktower.gc.metrics import DB_QUERY_SECONDS
+from darktower.shared.db import translate_errors
+from darktower.shared.metrics import timed
+
+
+@dataclass(frozen=True, slots=True)
+class AssignedMh:
+    handler_id: str
+    webtransport_endpoint: str
+    role: str  # "primary" | "backup"
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveAssignment:
+    meeting_id: uuid.UUID
+    region: str
+    controller_id: str
+    mc_grpc_endpoint: str
+    mc_webtransport_endpoint: str
+    generation: int
+    mc_live: bool
+    media_handlers: tuple[AssignedMh, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOutcome:
+    """What :func:`record` did: ``won`` when the caller's assignment is now
+    the active one. ``assignment`` is the active assignment after the record
+    (the caller's when won, the winner's when lost), or ``None`` when lost
+    and none is active (e.g. the caller's lease had been taken over)."""
+
+    won: bool
+    assignment: ActiveAssignment | None
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentSummary:
+    """One active assignment as ``dt status`` lists it."""
+
+    meeting_id: uuid.UUID
+    region: str
+    controller_id: str
+    generation: int
+    assigned_at: datetime
+    assigned_by_gc_id: str
+    primary_mh_id: str
+    backup_mh_id: str | None
+
+
+def assignment_from_row(row: asyncpg.Record) -> ActiveAssignment | None:
+    """Build an :class:`ActiveAssignment` from a row that carries the columns
+    ``a_meeting_id, a_region, a_controller_id, a_mc_grpc_endpoint,
+    a_mc_webtransport_endpoint, a_generation, a_mc_live, a_primary_mh_id,
+    a_primary_wt, a_backup_mh_id, a_backup_wt`` (all NULL: no assignment).
+
+    Shared with :mod:`darktower.gc.repositories.meetings`, whose join lookup
+    reads the same columns in the same statement as the meeting."""
+    if row["a_controller_id"] is None:
+        return None
+    mhs = [AssignedMh(row["a_primary_mh_id"], row["a_primary_wt"], "primary")]
+    if row["a_backup_mh_id"] is not None:
+        mhs.append(AssignedMh(row["a_backup_mh_id"], row["a_backup_wt"], "backup"))
+    return ActiveAssignment(
+        meeting_id=row["a_meeting_id"],
+        region=row["a_region"],
+        controller_id=row["a_controller_id"],
+        mc_grpc_endpoint=row["a_mc_grpc_endpoint"],
+        mc_webtransport_endpoint=row["a_mc_webtransport_endpoint"],
+        generation=row["a_generation"],
+        mc_live=row["a_mc_live"],
+        media_handlers=tuple(mhs),
+    )
+
+
+_FIND_ACTIVE = """
+SELECT a.meeting_id AS a_meeting_id, a.region AS a_region,
+       a.meeting_controller_id AS a_controller_id,
+       mc.grpc_endpoint AS a_mc_grpc_endpoint,
+       mc.webtransport_endpoint AS a_mc_webtransport_endpoint,
+       a.generation AS a_generation,
+       (mc.health_status = 'healthy'
+        AND mc.last_heartbeat_at > now() - make_interval(secs => $3)) AS a_mc_live,
+       a.primary_mh_id AS a_primary_mh_id, pmh.webtransport_endpoint AS a_primary_wt,
+       a.backup_mh_id AS a_backup_mh_id, bmh.webtransport_endpoint AS a_backup_wt
+FROM meeting_assignments AS a
+JOIN meeting_controllers AS mc ON mc.controller_id = a.meeting_controller_id
+JOIN media_handlers AS pmh ON pmh.handler_id = a.primary_mh_id
+LEFT JOIN media_handlers AS bmh ON bmh.handler_id = a.backup_mh_id
+WHERE a.meeting_id = $1 AND a.region = $2 AND a.ended_at IS NULL
+"""
+
+# Taken when free, expired (database clock), or already the caller's (renewal).
+# ON CONFLICT decides on the newest committed row, so two GCs never both win.
+# The NOT EXISTS pre-check only saves work: while another holder's lease is
+# visibly live, nothing is inserted and so nothing locked or written (ON
+# CONFLICT DO UPDATE locks the row even when its WHERE is false), which keeps
+# joins waiting on a busy meeting from queueing on the lease row.
+_ACQUIRE_LEASE = """
+INSERT INTO meeting_assignment_leases AS l (meeting_id, region, holder, gc_id, expires_at)
+SELECT $1::uuid, $2::text, $3::uuid, $4::text, now() + make_interval(secs => $5)
+WHERE NOT EXISTS (
+    SELECT 1 FROM meeting_assignment_leases
+    WHERE meeting_id = $1 AND region = $2 AND holder <> $3 AND expires_at >= now())
+ON CONFLICT (meeting_id, region) DO UPDATE SET
+    holder = EXCLUDED.holder, gc_id = EXCLUDED.gc_id, expires_at = EXCLUDED.expires_at
+WHERE l.expires_at < now() OR l.holder = EXCLUDED.holder
+RETURNING true
+"""
+
+_RELEASE_LEASE = """
+DELETE FROM meeting_assignment_leases WHERE meeting_id = $1 AND region = $2 AND holder = $3
+"""
+
+# The record (SPEC §6.3 step 7), one statement:
+# * ``lease`` consumes the caller's lease. DELETE locks the row and re-checks
+#   ``holder`` on its newest version, so a lease taken over by another GC (even
+#   one committed after this statement's snapshot) yields no row - and then
+#   nothing is written. An expired lease nobody took over is still the
+#   caller's: no other holder can have drawn a newer generation.
+# * ``won`` inserts, or replaces an ended row or an active row whose MC is not
+#   live. ON CONFLICT ... DO UPDATE ... WHERE judges the conflicting row in its
+#   newest committed version (not this statement's snapshot), so a live row a
+#   concurrent record just committed is never replaced. A generation never
+#   goes backwards (an MC holding an older one would be fenced out anyway).
+# * On a win, the MC's ``current_meetings`` and each MH's ``current_streams``
+#   go up by one in the same transaction, so joins before the next heartbeat
+#   see the new load; the heartbeat replaces the estimate with the truth.
+# * Rows are locked in one global order - lease, assignment, MC, then MHs by
+#   id (``mh_locked`` waits for ``mc_load`` and sorts before it locks) - so
+#   concurrent records of meetings sharing MCs and MHs never deadlock.
+# The final SELECT returns a row only on a win. The winner's assignment after
+# a loss is read by a *second* statement: this one's snapshot may predate the
+# winner's commit.
+_RECORD = """
+WITH lease AS (
+    DELETE FROM meeting_assignment_leases
+    WHERE meeting_id = $1 AND region = $2 AND holder = $3
+    RETURNING meeting_id
+), won AS (
+    INSERT INTO meeting_assignments AS a (
+        meeting_id, region, meeting_controller_id, generation, assigned_at,
+        assigned_by_gc_id, ended_at, primary_mh_id, backup_mh_id)
+    SELECT $1::uuid, $2::text, $4::text, $5::bigint, now(), $6::text, NULL, $7::text, $8::text
+    FROM lease
+    ON CONFLICT (meeting_id, region) DO UPDATE SET
+        meeting_controller_id = EXCLUDED.meeting_controller_id,
+        generation = EXCLUDED.generation,
+        assigned_at = EXCLUDED.assigned_at,
+        assigned_by_gc_id = EXCLUDED.assigned_by_gc_id,
+        ended_at = NULL,
+        primary_mh_id = EXCLUDED.primary_mh_id,
+        backup_mh_id = EXCLUDED.backup_mh_id
+    WHERE a.generation < EXCLUDED.generation
+      AND (a.ended_at IS NOT NULL
+           OR NOT EXISTS (
+               SELECT 1 FROM meeting_controllers AS cur
+               WHERE cur.controller_id = a.meeting_controller_id
+                 AND cur.health_status = 'healthy'
+                 AND cur.last_heartbeat_at > now() - make_interval(secs => $9)))
+    RETURNING a.meeting_id, a.region, a.meeting_controller_id, a.generation,
+              a.primary_mh_id, a.backup_mh_id
+), mc_load AS (
+    UPDATE meeting_controllers AS mc SET current_meetings = mc.current_meetings + 1
+    FROM won WHERE mc.controller_id = won.meeting_controller_id
+    RETURNING mc.grpc_endpoint, mc.webtransport_endpoint,
+              (mc.health_status = 'healthy'
+               AND mc.last_heartbeat_at > now() - make_interval(secs => $9)) AS live
+), mh_locked AS (
+    SELECT mh.handler_id FROM media_handlers AS mh
+    WHERE mh.handler_id IN ($7::text, $8::text) AND EXISTS (SELECT 1 FROM mc_load)
+    ORDER BY mh.handler_id
+    FOR NO KEY UPDATE
+), mh_load AS (
+    UPDATE media_handlers AS mh SET current_streams = mh.current_streams + 1
+    FROM mh_locked WHERE mh.handler_id = mh_locked.handler_id
+    RETURNING mh.handler_id, mh.webtransport_endpoint
+)
+SELECT won.meeting_id AS a_meeting_id, won.region AS a_region,
+       won.meeting_controller_id AS a_controller_id,
+       mc_load.grpc_endpoint AS a_mc_grpc_endpoint,
+       mc_load.webtransport_endpoint AS a_mc_webtransport_endpoint,
+       won.generation AS a_generation, mc_load.live AS a_mc_live,
+       won.primary_mh_id AS a_primary_mh_id,
+       (SELECT webtransport_endpoint FROM mh_load
+        WHERE handler_id = won.primary_mh_id) AS a_primary_wt,
+       won.backup_mh_id AS a_backup_mh_id,
+       (SELECT webtransport_endpoint FROM mh_load
+        WHERE handler_id = won.backup_mh_id) AS a_backup_wt
+FROM won CROSS JOIN mc_load
+"""
+
+# The MC's load estimate goes down with it (floored: the heartbeat may
+# already have reported the meeting gone).
+_END_BY_OWNER = """
+WITH ended AS (
+    UPDATE meeting_assignments SET ended_at = now()
+    WHERE meeting_id = $1 AND region = $2 AND meeting_controller_id = $3
+      AND ended_at IS NULL
+    RETURNING meeting_controller_id
+), mc_load AS (
+    UPDATE meeting_controllers AS mc
+    SET current_meetings = greatest(mc.current_meetings - 1, 0)
+    FROM ended WHERE mc.controller_id = ended.meeting_controller_id
+)
+SELECT count(*) FROM ended
+"""
+
+# Bounded, oldest first, by key. FOR UPDATE re-checks ``ended_at`` on the
+# newest version, so a row a concurrent record has just made active again is
+# left alone; SKIP LOCKED never waits for a record in flight.
+_DELETE_ENDED_BEFORE = """
+DELETE FROM meeting_assignments AS a
+WHERE (a.meeting_id, a.region) IN (
+        SELECT meeting_id, region FROM meeting_assignments
+        WHERE ended_at IS NOT NULL AND ended_at < now() - make_interval(secs => $1)
+        ORDER BY ended_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED)
+  AND a.ended_at IS NOT NULL
+"""
+
+# Only assignments whose MC is not live: a live MC ends its own empty
+# meetings and reports them; ending one under its participants would split
+# the meeting. "Inactive" counts from the later of the meeting's last join
+# and the assignment itself, so a fresh re-assignment is never ended. A
+# concurrent record that replaces a candidate row is re-checked against the
+# new row (new MC, new ``assigned_at``) and left alone. The dead MC's load
+# is not touched: its next heartbeat, if any, reports the truth.
+_END_INACTIVE = """
+UPDATE meeting_assignments AS a SET ended_at = now()
+WHERE (a.meeting_id, a.region) IN (
+        SELECT x.meeting_id, x.region
+        FROM meeting_assignments AS x
+        JOIN meeting_controllers AS mc ON mc.controller_id = x.meeting_controller_id
+        LEFT JOIN meetings AS m ON m.meeting_id = x.meeting_id
+        WHERE x.ended_at IS NULL
+          AND greatest(m.last_active_at, x.assigned_at) < now() - make_interval(secs => $1)
+          AND NOT (mc.health_status = 'healthy'
+                   AND mc.last_heartbeat_at > now() - make_interval(secs => $2))
+        LIMIT $3
+        FOR UPDATE OF x SKIP LOCKED)
+  AND a.ended_at IS NULL
+"""
+
+_DELETE_EXPIRED_LEASES = "DELETE FROM meeting_assignment_leases WHERE expires_at < now()"
+
+_LIST_ACTIVE = """
+SELECT meeting_id, region, meeting_controller_id AS controller_id, generation, assigned_at,
+       assigned_by_gc_id, primary_mh_id, backup_mh_id
+FROM meeting_assignments
+WHERE ended_at IS NULL
+ORDER BY assigned_at DESC, meeting_id, region
+LIMIT $1
+"""
+
+
+def _count(status: str) -> int:
+    """The row count of an asyncpg command status (``"DELETE 3"``)."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_find_active")
+async def find_active(
+    pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, stale_after_s: float
+) -> ActiveAssignment | None:
+    """The meeting's active assignment in ``region`` with its MC's endpoints
+    and liveness (``healthy`` and heartbeating within ``stale_after_s``)."""
+    row = await pool.fetchrow(_FIND_ACTIVE, meeting_id, region, stale_after_s)
+    return None if row is None else assignment_from_row(row)
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_acquire_lease")
+async def acquire_lease(
+    pool: asyncpg.Pool,
+    *,
+    meeting_id: uuid.UUID,
+    region: str,
+    holder: uuid.UUID,
+    gc_id: str,
+    ttl_s: float,
+) -> bool:
+    """Take (or renew) the right to assign the meeting in ``region`` for
+    ``ttl_s`` seconds; ``False`` while another holder's lease is unexpired."""
+    taken: bool | None = await pool.fetchval(_ACQUIRE_LEASE, meeting_id, region, holder, gc_id,
+                                             ttl_s)  # fmt: skip
+    return bool(taken)
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_release_lease")
+async def release_lease(
+    pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, holder: uuid.UUID
+) -> None:
+    """Give the lease back (only ``holder``'s own; a lease taken over since is
+    left to its new holder). Harmless after :func:`record`, which consumes it."""
+    await pool.execute(_RELEASE_LEASE, meeting_id, region, holder)
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_record")
+async def record(
+    pool: asyncpg.Pool,
+    *,
+    meeting_id: uuid.UUID,
+    region: str,
+    controller_id: str,
+    generation: int,
+    gc_id: str,
+    primary_mh_id: str,
+    backup_mh_id: str | None,
+    holder: uuid.UUID,
+    stale_after_s: float,
+) -> RecordOutcome:
+    """Record the caller's assignment if it may: the caller must hold the
+    lease, and an active assignment whose MC is live is never replaced (an
+    ended one, or one whose MC is not live, is overwritten in place).
+
+    The lease is consumed whatever the outcome (it has no use after a record).
+    On a win the MC's and the MHs' load estimates go up by one in the same
+    statement. Under any concurrency a meeting has at most one active
+    assignment per region, and every loser is handed the winner's.
+    """
+    args = (meeting_id, region, holder, controller_id, generation, gc_id, primary_mh_id,
+            backup_mh_id, stale_after_s)  # fmt: skip
+    row = await pool.fetchrow(_RECORD, *args)
+    if row is not None:
+        return RecordOutcome(won=True, assignment=assignment_from_row(row))
+    # A separate statement, so it sees a winner committed after the record's
+    # snapshot was taken.
+    row = await pool.fetchrow(_FIND_ACTIVE, meeting_id, region, stale_after_s)
+    return RecordOutcome(won=False, assignment=None if row is None else assignment_from_row(row))
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_end_by_owner")
+async def end_by_owner(
+    pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, controller_id: str
+) -> bool:
+    """Soft-delete the active assignment if ``controller_id`` owns it (SPEC
+    §6.4 ``NotifyMeetingEnded``) and lower that MC's meeting count; ``False``
+    when it owns no active assignment of the meeting (another MC's is kept)."""
+    ended: int = await pool.fetchval(_END_BY_OWNER, meeting_id, region, controller_id)
+    return ended > 0
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_delete_ended")
+async def delete_ended_before(pool: asyncpg.Pool, *, older_than_s: float, batch: int) -> int:
+    """Hard-delete at most ``batch`` assignments ended more than
+    ``older_than_s`` ago (oldest first); how many. Call again while it
+    returns ``batch``."""
+    return _count(await pool.execute(_DELETE_ENDED_BEFORE, older_than_s, batch))
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_end_inactive")
+async def end_inactive(
+    pool: asyncpg.Pool, *, inactive_s: float, stale_after_s: float, batch: int
+) -> int:
+    """End at most ``batch`` active assignments with no join for
+    ``inactive_s`` whose MC is not live; how many."""
+    return _count(await pool.execute(_END_INACTIVE, inactive_s, stale_after_s, batch))
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_delete_expired_leases")
+async def delete_expired_leases(pool: asyncpg.Pool) -> int:
+    """Housekeeping: drop leases past their expiry (a GC that died holding
+    one); how many."""
+    return _count(await pool.execute(_DELETE_EXPIRED_LEASES))
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_list_active")
+async def list_active(pool: asyncpg.Pool, *, limit: int) -> list[AssignmentSummary]:
+    """Up to ``limit`` active assignments, newest first (``dt status``)."""
+    return [AssignmentSummary(**dict(row)) for row in await pool.fetch(_LIST_ACTIVE, limit)]
