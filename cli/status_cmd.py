@@ -5,9 +5,9 @@ so the picture is exactly the one joins are decided on: every MC and MH with
 its health, load and heartbeat age, and the newest active assignments. It
 writes nothing and needs no GC running.
 
-Ages are measured against this machine's clock (the repositories hand out
-timestamps, not ages); on a host whose clock is off from the database's they
-are off by the same amount. ``--stale-after`` (default ``$GC_STALE_AFTER_S``
+Ages are measured against the database's clock, the one the GC judges
+staleness on, so a skewed host clock cannot make nodes look stale or fresh.
+``--stale-after`` (default ``$GC_STALE_AFTER_S``
 or 30 s, the GC's own threshold) marks heartbeats older than that as stale:
 such a node gets no new meetings even if its health has not been swept yet.
 
@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -35,7 +35,14 @@ from darktower.gc.repositories import assignments, media_handlers, meeting_contr
 from darktower.gc.repositories.assignments import AssignmentSummary
 from darktower.gc.repositories.media_handlers import MediaHandlerRow
 from darktower.gc.repositories.meeting_controllers import MeetingControllerRow
-from darktower.shared.db import DatabaseRefused, DatabaseUnavailable, open_pool
+from darktower.shared.config import first_error
+from darktower.shared.db import (
+    DatabaseRefused,
+    DatabaseUnavailable,
+    SchemaMissing,
+    database_now,
+    open_pool,
+)
 from darktower.shared.seam import asyncio_loop, run_aio
 
 DEFAULT_STALE_AFTER_S = 30.0
@@ -44,8 +51,8 @@ DEFAULT_ASSIGNMENT_LIMIT = 100
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """What ``dt status`` shows, as read (``now`` is this host's clock just
-    after the reads, the reference for every age)."""
+    """What ``dt status`` shows, as read (``now`` is the database's clock at
+    the read, the reference for every age)."""
 
     controllers: list[MeetingControllerRow]
     handlers: list[MediaHandlerRow]
@@ -56,26 +63,28 @@ class Fleet:
 
 async def _read(
     pool: asyncpg.Pool, limit: int
-) -> tuple[list[MeetingControllerRow], list[MediaHandlerRow], list[AssignmentSummary]]:
-    """Asyncio-flavoured: the three reads in one seam crossing. One row more
-    than ``limit`` is asked for, to tell whether the list was cut."""
+) -> tuple[list[MeetingControllerRow], list[MediaHandlerRow], list[AssignmentSummary], datetime]:
+    """Asyncio-flavoured: the reads in one seam crossing. One row more than
+    ``limit`` is asked for, to tell whether the list was cut; ages are judged
+    on the database's clock, like staleness in the GC."""
     return (
         await meeting_controllers.list_all(pool),
         await media_handlers.list_all(pool),
         await assignments.list_active(pool, limit=limit + 1),
+        await database_now(pool),
     )
 
 
 async def read_fleet(dsn: str, *, limit: int) -> Fleet:
     """Trio-flavoured: open a small pool, read, close."""
     async with asyncio_loop(), open_pool(dsn, min_size=1, max_size=1) as pool:
-        controllers, handlers, active = await run_aio(_read, pool, limit)
+        controllers, handlers, active, now = await run_aio(_read, pool, limit)
     return Fleet(
         controllers=controllers,
         handlers=handlers,
         assignments=active[:limit],
         assignments_truncated=len(active) > limit,
-        now=datetime.now(UTC),
+        now=now,
     )
 
 
@@ -169,10 +178,11 @@ def render(fleet: Fleet, *, stale_after_s: float) -> str:
     out.append(f"Active assignments: {count or len(active)}")
     if active:
         out += _table(
-            ["MEETING", "REGION", "MC", "GENERATION", "MEDIA HANDLERS", "BY GC", "AGE"],
+            ["MEETING", "CODE", "REGION", "MC", "GENERATION", "MEDIA HANDLERS", "BY GC", "AGE"],
             [
                 [
                     str(a.meeting_id),
+                    printable(a.meeting_code or "-"),
                     a.region,
                     a.controller_id,
                     str(a.generation),
@@ -182,7 +192,7 @@ def render(fleet: Fleet, *, stale_after_s: float) -> str:
                 ]
                 for a in active
             ],
-            numeric={3, 6},
+            numeric={4, 7},
         )
     return "\n".join(out)
 
@@ -240,6 +250,7 @@ def to_json(fleet: Fleet, *, stale_after_s: float) -> dict[str, Any]:
         "assignments": [
             {
                 "meeting_id": str(a.meeting_id),
+                "meeting_code": a.meeting_code,
                 "region": a.region,
                 "controller_id": a.controller_id,
                 "generation": a.generation,
@@ -298,8 +309,10 @@ def _run(args: argparse.Namespace) -> int:
     except* DatabaseUnavailable:
         # `return` is not allowed inside `except*` (a SyntaxError).
         problem = "error: PostgreSQL is unreachable"
+    except* SchemaMissing as group:
+        problem = f"error: {first_error(group)}"
     except* DatabaseRefused as group:
-        problem = f"error: PostgreSQL refused the connection ({group.exceptions[0]})"
+        problem = f"error: PostgreSQL refused the connection ({first_error(group)})"
     if problem or fleet is None:
         print(problem, file=sys.stderr)
         return 1

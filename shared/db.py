@@ -12,6 +12,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import ParamSpec, TypeVar
 
 import asyncpg
@@ -40,6 +41,11 @@ class DatabaseRefused(Exception):
     """The database answered but refused us (unknown database or role, bad
     password, bad connection options): configuration, not an outage, so
     retrying will not help. ``str()`` names the error class only."""
+
+
+class SchemaMissing(DatabaseRefused):
+    """The database has no (or not all of) the schema: ``dt db init`` or a GC
+    start applies it."""
 
 
 # The explicit map of what "database down" means; everything else is a bug and
@@ -87,6 +93,11 @@ def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
             return await fn(*args, **kwargs)
         except _UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
+        except (
+            asyncpg.exceptions.UndefinedTableError,
+            asyncpg.exceptions.UndefinedColumnError,
+        ) as exc:
+            raise SchemaMissing("the schema is not applied (run `dt db init`)") from exc
 
     wrapper.__name__ = fn.__name__
     wrapper.__qualname__ = fn.__qualname__
@@ -175,6 +186,14 @@ async def open_pool(
     finally:
         with trio.move_on_after(3, shield=True):
             await run_aio(_close_pool, pool)
+
+
+@translate_errors
+async def database_now(pool: asyncpg.Pool) -> datetime:
+    """Asyncio-flavoured: the database's clock, the one every staleness and
+    age is judged on (SPEC §6.2) - never a host's clock, which may be skewed."""
+    now: datetime = await pool.fetchval("SELECT now()")
+    return now
 
 
 @translate_errors

@@ -192,8 +192,12 @@ async def test_status_shows_the_fleet_and_assignments(
     assert 44 <= mhs["mh-b"]["heartbeat_age_s"] < 55
     assert mhs["mh-b"]["stale"] is True
     [assignment] = doc["assignments"]
+    code = await run_aio(
+        db_pool.fetchval, "SELECT meeting_code FROM meetings WHERE meeting_id = $1", meeting_id
+    )
     assert assignment | {"assigned_at": None, "age_s": None} == {
         "meeting_id": str(meeting_id),
+        "meeting_code": code,
         "region": "local",
         "controller_id": "mc-1",
         "generation": 7,
@@ -230,7 +234,7 @@ async def test_status_shows_the_fleet_and_assignments(
     assert mha.split()[:5] == ["mh-a", "local", "zone-a", "healthy", "5/500"]
     assert row_of(lines, "mh-b").endswith("STALE")
     arow = row_of(lines, str(meeting_id))
-    assert arow.split()[1:5] == ["local", "mc-1", "7", "mh-a,"]
+    assert arow.split()[1:6] == [code, "local", "mc-1", "7", "mh-a,"]
     assert "mh-b" in arow
     assert "gc-test" in arow
     assert 299 <= int(arow.split()[-1].rstrip("s")) < 310
@@ -331,6 +335,15 @@ def test_status_reports_an_unreachable_database(capsys: pytest.CaptureFixture[st
     out, err = capsys.readouterr()
     assert out == ""
     assert err == "error: PostgreSQL is unreachable\n"
+
+
+def test_status_of_a_database_without_the_schema_says_so(
+    capsys: pytest.CaptureFixture[str], empty_database: str
+) -> None:
+    assert dt_main(["status", "--database-url", empty_database]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "error: the schema is not applied (run `dt db init`)\n"
 
 
 # --------------------------------------------------------------------------

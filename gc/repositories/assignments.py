@@ -66,6 +66,7 @@ class AssignmentSummary:
     """One active assignment as ``dt status`` lists it."""
 
     meeting_id: uuid.UUID
+    meeting_code: str | None  # None: the meeting row is gone
     region: str
     controller_id: str
     generation: int
@@ -273,11 +274,12 @@ WHERE (a.meeting_id, a.region) IN (
 _DELETE_EXPIRED_LEASES = "DELETE FROM meeting_assignment_leases WHERE expires_at < now()"
 
 _LIST_ACTIVE = """
-SELECT meeting_id, region, meeting_controller_id AS controller_id, generation, assigned_at,
-       assigned_by_gc_id, primary_mh_id, backup_mh_id
-FROM meeting_assignments
-WHERE ended_at IS NULL
-ORDER BY assigned_at DESC, meeting_id, region
+SELECT a.meeting_id, m.meeting_code, a.region, a.meeting_controller_id AS controller_id,
+       a.generation, a.assigned_at, a.assigned_by_gc_id, a.primary_mh_id, a.backup_mh_id
+FROM meeting_assignments AS a
+LEFT JOIN meetings AS m USING (meeting_id)
+WHERE a.ended_at IS NULL
+ORDER BY a.assigned_at DESC, a.meeting_id, a.region
 LIMIT $1
 """
 
