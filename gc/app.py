@@ -20,7 +20,7 @@ from darktower.gc.cleanup import AssignmentCleanup
 from darktower.gc.config import GcConfig
 from darktower.gc.health_checker import HealthChecker, NodeStore, SweepResult
 from darktower.gc.http_app import create_app
-from darktower.gc.join_flow import MAX_ATTEMPTS, JoinResult, JoinService
+from darktower.gc.join_flow import JoinResult, JoinService
 from darktower.gc.mc_client import McClient
 from darktower.gc.meetings_api import MeetingsApiDeps, meetings_routes
 from darktower.gc.metrics import GRPC_RPCS
@@ -33,7 +33,7 @@ from darktower.gc.registry_service import (
 from darktower.gc.repositories import media_handlers, meeting_controllers, meetings
 from darktower.gc.repositories.meetings import MeetingRow
 from darktower.gc.schema import apply_schema
-from darktower.shared.db import DatabaseUnavailable, open_pool, ping
+from darktower.shared.db import DatabaseRefused, DatabaseUnavailable, open_pool, ping
 from darktower.shared.grpc_server import GrpcServer
 from darktower.shared.http_server import run_http
 from darktower.shared.jwks import load_key_store, refresh_keys_periodically
@@ -99,12 +99,18 @@ async def prune_mc_channels(
     while True:
         await trio.sleep(interval_s)
         try:
-            live = await run_aio(
-                meeting_controllers.live_endpoints, pool, stale_after_s=stale_after_s
-            )
+            await run_aio(_retain_live_channels, pool, mc_client, stale_after_s)
         except DatabaseUnavailable:
             continue
-        mc_client.retain(live)
+        except DatabaseRefused as exc:
+            log.error("mc_channel_prune_failed", error=str(exc))
+
+
+async def _retain_live_channels(
+    pool: asyncpg.Pool, mc_client: McClient, stale_after_s: float
+) -> None:
+    """Asyncio-flavoured (where the client's channels live)."""
+    mc_client.retain(await meeting_controllers.live_endpoints(pool, stale_after_s=stale_after_s))
 
 
 async def _close_mc_client(mc_client: McClient) -> None:
@@ -158,8 +164,8 @@ async def run_gc(
             gc_id=config.gc_id,
             region=config.region,
             stale_after_s=config.stale_after_s,
-            # The holder's worst case: every attempt running to its deadline.
-            lease_ttl_s=MAX_ATTEMPTS * config.mc_rpc_timeout_s + 5,
+            # One attempt (connect + call) and a margin; renewed per attempt.
+            lease_ttl_s=config.mc_connect_timeout_s + config.mc_rpc_timeout_s + 5,
         )
 
         async def join(code: str, org_id: uuid.UUID | None, /) -> JoinResult:

@@ -12,6 +12,7 @@ outage is logged and the next tick tries again.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -19,7 +20,7 @@ import trio
 
 from darktower.gc.metrics import CLEANUP_ROWS
 from darktower.gc.repositories import assignments
-from darktower.shared.db import DatabaseUnavailable
+from darktower.shared.db import DatabaseRefused, DatabaseUnavailable
 from darktower.shared.logging import get_logger
 from darktower.shared.seam import run_aio
 
@@ -62,31 +63,27 @@ class AssignmentCleanup:
                 await self.tick()
             except DatabaseUnavailable as exc:
                 log.warning("cleanup_failed", error=str(exc))
+            except DatabaseRefused as exc:  # e.g. the schema was dropped: keep serving
+                log.error("cleanup_failed", error=str(exc))
+
+    async def _drain(self, batch_step: Callable[..., Awaitable[int]], **kwargs: float) -> int:
+        """Run ``batch_step`` until it does less than a full batch, at most
+        ``max_batches`` times; the rows it touched."""
+        total = 0
+        for _ in range(self._max_batches):
+            n = await run_aio(batch_step, self._pool, batch=self._batch_size, **kwargs)
+            total += n
+            if n < self._batch_size:
+                break
+        return total
 
     async def tick(self) -> CleanupResult:
-        deleted = 0
-        for _ in range(self._max_batches):
-            n = await run_aio(
-                assignments.delete_ended_before,
-                self._pool,
-                older_than_s=self._retention_s,
-                batch=self._batch_size,
-            )
-            deleted += n
-            if n < self._batch_size:
-                break
-        ended = 0
-        for _ in range(self._max_batches):
-            n = await run_aio(
-                assignments.end_inactive,
-                self._pool,
-                inactive_s=self._inactive_after_s,
-                stale_after_s=self._stale_after_s,
-                batch=self._batch_size,
-            )
-            ended += n
-            if n < self._batch_size:
-                break
+        deleted = await self._drain(assignments.delete_ended_before, older_than_s=self._retention_s)
+        ended = await self._drain(
+            assignments.end_inactive,
+            inactive_s=self._inactive_after_s,
+            stale_after_s=self._stale_after_s,
+        )
         leases = await run_aio(assignments.delete_expired_leases, self._pool)
         CLEANUP_ROWS.labels("deleted").inc(deleted)
         CLEANUP_ROWS.labels("ended").inc(ended)

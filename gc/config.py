@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from darktower.gc.join_errors import MAX_ATTEMPTS
 from darktower.shared.config import (
     AUTH_JWKS,
     REGION,
@@ -22,6 +23,7 @@ from darktower.shared.config import (
     parse_log_level,
     parse_optional_node_id,
     parse_service_token,
+    token_subject,
 )
 from darktower.shared.keys import KeyFileError, load_private_key
 
@@ -124,6 +126,21 @@ VARIABLES: tuple[Var[Any], ...] = (
 )  # fmt: skip
 
 
+def _gc_id(environ: Mapping[str, str]) -> str:
+    """``GC_ID``, or the ``sub`` of the GC's service token when unset: an MC
+    accepts an assignment only from the GC its token names (SPEC §4), so a GC
+    whose id differs from its token's would have every assignment refused."""
+    subject = token_subject(SERVICE_TOKEN.read(environ))
+    gc_id = GC_ID.read(environ) or subject or default_node_id("gc")
+    if subject != gc_id:
+        raise ConfigError("GC_SERVICE_TOKEN is not for this GC (its sub is not GC_ID)")
+    try:
+        parse_optional_node_id(gc_id)
+    except ValueError:
+        raise ConfigError("GC_SERVICE_TOKEN: its sub is not a valid GC id") from None
+    return gc_id
+
+
 @dataclass(frozen=True, slots=True)
 class GcConfig:
     database_url: Secret
@@ -158,7 +175,7 @@ class GcConfig:
             database_url=DATABASE_URL.read(environ),
             http_addr=HTTP_ADDR.read(environ),
             grpc_addr=GRPC_ADDR.read(environ),
-            gc_id=GC_ID.read(environ) or default_node_id("gc"),
+            gc_id=_gc_id(environ),
             region=REGION.read(environ),
             auth_jwks=AUTH_JWKS.read(environ),
             signing_key=SIGNING_KEY.read(environ),
@@ -192,6 +209,10 @@ class GcConfig:
                     "GC_HEALTH_CHECK_INTERVAL_S is too long: 1.5 x it plus "
                     f"{name} must not exceed GC_STALE_AFTER_S"
                 )
-        if config.join_timeout_s <= config.mc_rpc_timeout_s:
-            raise ConfigError("GC_JOIN_TIMEOUT_S must be longer than GC_MC_RPC_TIMEOUT_S")
+        # A deadline that cuts a join's last MC call short answers 503 while
+        # that MC may be accepting: an orphan on every slow MC.
+        if config.join_timeout_s <= MAX_ATTEMPTS * config.mc_rpc_timeout_s:
+            raise ConfigError(
+                f"GC_JOIN_TIMEOUT_S must be longer than {MAX_ATTEMPTS} x GC_MC_RPC_TIMEOUT_S"
+            )
         return config

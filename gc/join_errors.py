@@ -6,6 +6,9 @@ without importing the flow's machinery.
 
 from __future__ import annotations
 
+#: SPEC §6.3 step 6: at most three MCs are asked per join.
+MAX_ATTEMPTS = 3
+
 
 class JoinError(Exception):
     """A join that cannot be served; ``str()`` is safe to show a client."""
@@ -23,8 +26,7 @@ class GuestsNotAllowed(JoinError):
 class ServiceUnavailable(JoinError):
     """No assignment could be made now; the client should retry after
     ``retry_after_s``. ``reason`` is a stable metric label
-    (``no_media_handler``, ``no_controller``, ``assignment_failed``,
-    ``busy``)."""
+    (``no_media_handler``, ``no_controller``, ``assignment_failed``)."""
 
     def __init__(self, reason: str, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)

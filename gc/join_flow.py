@@ -30,7 +30,12 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from darktower.gc.join_errors import GuestsNotAllowed, MeetingNotFound, ServiceUnavailable
+from darktower.gc.join_errors import (
+    MAX_ATTEMPTS,
+    GuestsNotAllowed,
+    MeetingNotFound,
+    ServiceUnavailable,
+)
 from darktower.gc.mc_client import McClient
 from darktower.gc.metrics import ASSIGNMENT_RETRIES, MC_RPCS
 from darktower.gc.repositories import assignments, media_handlers, meeting_controllers, meetings
@@ -43,10 +48,14 @@ from darktower.shared.logging import get_logger
 
 log = get_logger(__name__)
 
-#: SPEC §6.3 step 6: at most three MCs are asked per join.
-MAX_ATTEMPTS = 3
-#: How often a join waiting for another join's lease looks for its result.
+#: How often a join waiting for another GC's lease first looks for its
+#: result; the interval doubles (with jitter) up to the maximum.
 LEASE_POLL_INTERVAL_S = 0.02
+_MAX_POLL_INTERVAL_S = 0.32
+
+
+class _LeaseLost(Exception):
+    """Our lease expired and another GC took it over: its result is ours."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +90,7 @@ class JoinService:
         self._lease_ttl_s = lease_ttl_s
         self._rng = rng if rng is not None else secrets.SystemRandom()
         self._poll_interval_s = poll_interval_s
+        self._in_flight: dict[uuid.UUID, asyncio.Future[JoinResult]] = {}
 
     async def join(self, code: str, org_id: uuid.UUID | None) -> JoinResult:
         """The meeting ``code`` of ``org_id`` (``None``: a guest, who may
@@ -102,36 +112,81 @@ class JoinService:
         return await self._assign(meeting)
 
     async def _assign(self, meeting: MeetingRow) -> JoinResult:
+        """Single flight per meeting in this process: concurrent joins of a
+        meeting being assigned here await that one attempt (its result or its
+        failure) instead of each polling the database and asking MCs."""
+        key = meeting.meeting_id
+        while (pending := self._in_flight.get(key)) is not None:
+            try:
+                found = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if pending.cancelled():  # its request went away: try ourselves
+                    continue
+                raise
+            return JoinResult(meeting, found.assignment, assigned=False)
+        attempt = asyncio.get_running_loop().create_future()
+        # A failure nobody else awaited must not be reported as "never retrieved".
+        attempt.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._in_flight[key] = attempt
+        try:
+            result = await self._assign_across_gcs(meeting)
+        except Exception as exc:
+            attempt.set_exception(exc)
+            raise
+        except BaseException:
+            attempt.cancel()
+            raise
+        finally:
+            del self._in_flight[key]
+        attempt.set_result(result)
+        return result
+
+    async def _assign_across_gcs(self, meeting: MeetingRow) -> JoinResult:
+        """Take the meeting's lease and assign it, or wait for the GC holding
+        the lease to record its assignment (polling with backoff and jitter)."""
         holder = uuid.uuid4()
+        poll_s = self._poll_interval_s
         while True:
-            acquired = await assignments.acquire_lease(
-                self._pool,
-                meeting_id=meeting.meeting_id,
-                region=self._region,
-                holder=holder,
-                gc_id=self._gc_id,
-                ttl_s=self._lease_ttl_s,
-            )
-            if acquired:
+            if await self._take_lease(meeting, holder):
+                won = False
                 try:
-                    return await self._assign_holding_lease(meeting, holder)
+                    result = await self._assign_holding_lease(meeting, holder)
+                    won = result.assigned
+                    return result
+                except _LeaseLost:
+                    pass  # another GC holds it now: wait for its result
                 finally:
-                    # Bounded and best effort: after a win the record statement
-                    # already deleted the lease; after a failure this lets the
-                    # waiting joins try at once instead of at the lease's expiry.
-                    await self._release_lease(meeting, holder)
-            # Another join holds the lease: its result is ours.
-            await asyncio.sleep(self._poll_interval_s)
-            existing = await assignments.find_active(
-                self._pool,
-                meeting_id=meeting.meeting_id,
-                region=self._region,
-                stale_after_s=self._stale_after_s,
-            )
-            if existing is not None and existing.mc_live:
+                    if not won:  # a win consumed the lease already
+                        await self._release_lease(meeting, holder)
+            await asyncio.sleep(poll_s * (0.5 + self._rng.random()))
+            poll_s = min(poll_s * 2, _MAX_POLL_INTERVAL_S)
+            existing = await self._live_assignment(meeting)
+            if existing is not None:
                 return JoinResult(meeting, existing, assigned=False)
 
+    async def _take_lease(self, meeting: MeetingRow, holder: uuid.UUID) -> bool:
+        """Acquire the lease, or renew it when ``holder`` already has it."""
+        return await assignments.acquire_lease(
+            self._pool,
+            meeting_id=meeting.meeting_id,
+            region=self._region,
+            holder=holder,
+            gc_id=self._gc_id,
+            ttl_s=self._lease_ttl_s,
+        )
+
+    async def _live_assignment(self, meeting: MeetingRow) -> ActiveAssignment | None:
+        existing = await assignments.find_active(
+            self._pool,
+            meeting_id=meeting.meeting_id,
+            region=self._region,
+            stale_after_s=self._stale_after_s,
+        )
+        return existing if existing is not None and existing.mc_live else None
+
     async def _release_lease(self, meeting: MeetingRow, holder: uuid.UUID) -> None:
+        """Bounded and best effort: lets the waiting joins try at once instead
+        of at the lease's expiry."""
         try:
             await asyncio.wait_for(
                 assignments.release_lease(
@@ -139,20 +194,13 @@ class JoinService:
                 ),
                 timeout=2.0,
             )
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # the lease expires by itself
             log.warning("lease_release_failed", meeting_id=str(meeting.meeting_id), error=str(exc))
 
     async def _assign_holding_lease(self, meeting: MeetingRow, holder: uuid.UUID) -> JoinResult:
         # Another holder may have recorded between our lookup and our lease.
-        existing = await assignments.find_active(
-            self._pool,
-            meeting_id=meeting.meeting_id,
-            region=self._region,
-            stale_after_s=self._stale_after_s,
-        )
-        if existing is not None and existing.mc_live:
+        existing = await self._live_assignment(meeting)
+        if existing is not None:
             return JoinResult(meeting, existing, assigned=False)
         mh_candidates = await media_handlers.assignment_candidates(
             self._pool, region=self._region, stale_after_s=self._stale_after_s
@@ -180,6 +228,10 @@ class JoinService:
                 break
             if attempt > 0:
                 ASSIGNMENT_RETRIES.inc()
+                # Renew before each further call: the lease covers one attempt
+                # (``lease_ttl_s``), not the worst case of all three.
+                if not await self._take_lease(meeting, holder):
+                    raise _LeaseLost
             outcome = await self._mc_client.assign(
                 controller_id=controller.controller_id,
                 endpoint=controller.grpc_endpoint,
@@ -229,7 +281,7 @@ class JoinService:
             )
             if recorded.assignment is not None and recorded.assignment.mc_live:
                 return JoinResult(meeting, recorded.assignment, assigned=False)
-            raise ServiceUnavailable("busy", "the meeting is being assigned; retry")
+            raise _LeaseLost
         raise ServiceUnavailable(
             "assignment_failed", "no meeting controller accepted the meeting", retry_after_s=2
         )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +22,7 @@ from darktower.shared.config import (
     parse_node_id,
     parse_optional_node_id,
     parse_service_token,
+    token_subject,
 )
 
 
@@ -35,19 +34,6 @@ def _parse_redis_url(raw: str) -> Secret:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
     return Secret(raw)
-
-
-def token_subject(token: Secret) -> str | None:
-    """The ``sub`` of a JWT, read without verifying it (the GC verifies): an
-    MC whose token names another MC would be refused at every registration
-    attempt, for ever, so that mismatch is caught at start instead."""
-    payload = token.reveal().split(".")[1]
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, TypeError):
-        return None
-    sub = claims.get("sub") if isinstance(claims, dict) else None
-    return sub if isinstance(sub, str) else None
 
 
 REDIS_URL = Var("REDIS_URL", "Redis URL", _parse_redis_url, secret=True)

@@ -59,14 +59,16 @@ class DevKeys:
 
 def gc_environ(dev_keys: DevKeys, database_dsn: str, **overrides: str) -> dict[str, str]:
     """A complete GC environment binding free ports on loopback."""
+    gc_id = overrides.get("GC_ID", "gc-test")
     environ = {
         "DATABASE_URL": database_dsn,
         "AUTH_JWKS": str(dev_keys.jwks_path),
         "GC_SIGNING_KEY": str(dev_keys.key_path),
-        "GC_SERVICE_TOKEN": dev_keys.gc_token(),
+        # Its subject must be the GC's id (MCs check it; so does the GC's config).
+        "GC_SERVICE_TOKEN": dev_keys.gc_token(gc_id),
         "GC_GRPC_ADDR": "127.0.0.1:0",
         "GC_HTTP_ADDR": "127.0.0.1:0",
-        "GC_ID": "gc-test",
+        "GC_ID": gc_id,
     }
     environ.update(overrides)
     return environ

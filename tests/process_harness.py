@@ -112,12 +112,12 @@ async def gc_process(
 ) -> AsyncIterator[GcProcess]:
     """``python -m darktower.gc`` on fixed free ports (or ``ports`` = (http,
     grpc), e.g. to restart a GC where its MCs expect it); killed if still
-    running when the block ends."""
+    running when the block ends. ``name`` labels its logs; its id is the one
+    its service token names (``GC_ID`` in ``environ``)."""
     http_port, grpc_port = ports if ports is not None else (free_port(), free_port())
     environ = environ | {
         "GC_HTTP_ADDR": f"127.0.0.1:{http_port}",
         "GC_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
-        "GC_ID": name,
     }
     async with _service_process("darktower.gc", environ, workdir, name, http_port, grpc_port) as gc:
         yield gc

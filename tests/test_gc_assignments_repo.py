@@ -338,9 +338,16 @@ async def test_delete_expired_leases_counts_and_keeps_live_ones(db_pool: asyncpg
         assert await acquire(db_pool, meeting_id, uuid.uuid4())
     await run_aio(
         db_pool.execute,
-        "UPDATE meeting_assignment_leases SET expires_at = now() - interval '1 second' "
+        "UPDATE meeting_assignment_leases SET expires_at = now() - interval '6 minutes' "
         "WHERE meeting_id = any($1::uuid[])",
         [dead1, dead2],
+    )
+    # Just expired: still its slow holder's to record with - not swept yet.
+    await run_aio(
+        db_pool.execute,
+        "UPDATE meeting_assignment_leases SET expires_at = now() - interval '1 second' "
+        "WHERE meeting_id = $1",
+        live,
     )
     assert await run_aio(assignments.delete_expired_leases, db_pool) == 2
     assert [r["meeting_id"] for r in await lease_rows(db_pool)] == [live]
@@ -752,14 +759,21 @@ async def test_mh_candidates_include_degraded_and_exclude_the_unusable(
     await add_mh(db_pool, "h-far", region="elsewhere")
     candidates = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
                                stale_after_s=STALE)  # fmt: skip
-    assert [c.handler_id for c in candidates] == ["h-empty", "h-degraded", "h-half", "h-one-left"]
-    assert candidates[1] == media_handlers.MhCandidate(
+    # By score: free share, halved when degraded (0.9 / 2 ranks below 0.5).
+    assert [c.handler_id for c in candidates] == ["h-empty", "h-half", "h-degraded", "h-one-left"]
+    assert candidates[2] == media_handlers.MhCandidate(
         "h-degraded", "zone-a", mh_wt("h-degraded"), 1, 10, "degraded"
     )
     assert candidates[0].zone == "zone-b"
     limited = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
                             stale_after_s=STALE, limit=2)  # fmt: skip
-    assert [c.handler_id for c in limited] == ["h-empty", "h-degraded"]
+    assert [c.handler_id for c in limited] == ["h-empty", "h-half"]
+    # The best of every zone comes along beyond the limit: a backup in
+    # another zone is never cut off by a crowd in one zone.
+    await add_mh(db_pool, "h-c", zone="zone-c", streams=80, max_streams=100)
+    one = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
+                        stale_after_s=STALE, limit=1)  # fmt: skip
+    assert [c.handler_id for c in one] == ["h-empty", "h-half", "h-c"]
 
 
 # --- races ---------------------------------------------------------------------------------------

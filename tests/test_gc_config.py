@@ -50,13 +50,27 @@ def test_bad_values_are_refused_naming_the_variable(
 
 
 def test_a_join_deadline_shorter_than_one_mc_call_is_refused(dev_keys: DevKeys) -> None:
-    """A request deadline at or below one MC call's would answer 503 while
-    the MC may still be accepting: a guaranteed orphan on every slow MC."""
+    """A request deadline that can cut the third MC call short would answer
+    503 while that MC may still be accepting: an orphan on every slow MC."""
     with pytest.raises(ConfigError, match="GC_JOIN_TIMEOUT_S must be longer"):
         GcConfig.from_env(
-            gc_environ(dev_keys, DSN, GC_JOIN_TIMEOUT_S="10", GC_MC_RPC_TIMEOUT_S="10")
+            gc_environ(dev_keys, DSN, GC_JOIN_TIMEOUT_S="30", GC_MC_RPC_TIMEOUT_S="10")
         )
     config = GcConfig.from_env(
-        gc_environ(dev_keys, DSN, GC_JOIN_TIMEOUT_S="11", GC_MC_RPC_TIMEOUT_S="10")
+        gc_environ(dev_keys, DSN, GC_JOIN_TIMEOUT_S="31", GC_MC_RPC_TIMEOUT_S="10")
     )
-    assert config.join_timeout_s == 11
+    assert config.join_timeout_s == 31
+
+
+def test_the_id_defaults_to_the_service_tokens_subject(dev_keys: DevKeys) -> None:
+    environ = gc_environ(dev_keys, DSN, GC_SERVICE_TOKEN=dev_keys.gc_token("gc-7"))
+    del environ["GC_ID"]
+    assert GcConfig.from_env(environ).gc_id == "gc-7"
+
+
+def test_a_token_for_another_gc_is_refused_at_start(dev_keys: DevKeys) -> None:
+    """Every MC would refuse this GC's assignments (the request's GC id must be
+    its token's subject): caught at start, not as 503s on every join."""
+    environ = gc_environ(dev_keys, DSN, GC_ID="gc-1", GC_SERVICE_TOKEN=dev_keys.gc_token("gc-2"))
+    with pytest.raises(ConfigError, match="GC_SERVICE_TOKEN is not for this GC"):
+        GcConfig.from_env(environ)

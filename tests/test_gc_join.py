@@ -585,8 +585,14 @@ async def test_guest_joins_only_meetings_that_admit_guests(
         )
         assert claims["sub"].startswith("guest-")
         assert claims["display_name"] == "Ada"
-        assert refused.status_code == 403
-        assert refused.json()["error"]["code"] == "FORBIDDEN"
+        # Exactly like a missing code: a guest learns nothing about
+        # members-only meetings.
+        assert refused.status_code == 404
+        assert refused.json()["error"]["code"] == "NOT_FOUND"
+        status = await run_aio(
+            db_pool.fetchval, "SELECT status FROM meetings WHERE meeting_code = $1", closed_code
+        )
+        assert status == "scheduled"  # and the refused guest left no trace
         assert len(mc.requests) == 1
 
 

@@ -189,13 +189,20 @@ async def test_find_for_join_is_scoped_to_the_org(db_pool: asyncpg.Pool) -> None
 
 
 async def test_guest_lookup_is_by_code_alone(db_pool: asyncpg.Pool) -> None:
-    meeting = await create(db_pool, org_id=OTHER_ORG, allow_guests=False)
+    meeting = await create(db_pool, org_id=OTHER_ORG, allow_guests=True)
     lookup = await find(db_pool, meeting.meeting_code, None)
     assert lookup is not None
     assert (lookup.meeting.meeting_id, lookup.meeting.org_id) == (meeting.meeting_id, OTHER_ORG)
-    # Whether guests may join is the caller's decision: the flag is returned.
-    assert lookup.meeting.allow_guests is False
+    assert lookup.meeting.allow_guests is True
     assert await find(db_pool, "zzz-zzzz-zzz", None) is None
+
+
+async def test_guests_do_not_see_or_touch_members_only_meetings(db_pool: asyncpg.Pool) -> None:
+    meeting = await create(db_pool, allow_guests=False)
+    assert await find(db_pool, meeting.meeting_code, None) is None
+    times = await meeting_times(db_pool, meeting.meeting_id)
+    assert (times["status"], times["active_ago"]) == ("scheduled", None)
+    assert await find(db_pool, meeting.meeting_code, ORG) is not None
 
 
 @pytest.mark.parametrize("status", ["ended", "cancelled"])
@@ -209,7 +216,7 @@ async def test_find_for_join_skips_finished_meetings(db_pool: asyncpg.Pool, stat
 
 
 async def test_join_touches_the_meeting_at_most_once_a_minute(db_pool: asyncpg.Pool) -> None:
-    meeting = await create(db_pool)
+    meeting = await create(db_pool, allow_guests=True)
     await age_meeting(db_pool, meeting.meeting_id, 3600)  # created an hour ago
     await run_aio(db_pool.execute, "UPDATE meetings SET last_active_at = NULL")
 
@@ -279,7 +286,7 @@ async def test_find_for_join_returns_the_active_assignment_in_the_region(
     db_pool: asyncpg.Pool,
 ) -> None:
     await add_fleet(db_pool)
-    meeting = await create(db_pool)
+    meeting = await create(db_pool, allow_guests=True)
     await assign(db_pool, meeting.meeting_id, 42)
     for org_id in (ORG, None):
         lookup = await find(db_pool, meeting.meeting_code, org_id)

@@ -271,7 +271,11 @@ WHERE (a.meeting_id, a.region) IN (
   AND a.ended_at IS NULL
 """
 
-_DELETE_EXPIRED_LEASES = "DELETE FROM meeting_assignment_leases WHERE expires_at < now()"
+# Long expired only: an expired lease nobody took over still lets its slow
+# holder record (no newer generation exists), so it is not swept at once.
+_DELETE_EXPIRED_LEASES = """
+DELETE FROM meeting_assignment_leases WHERE expires_at < now() - interval '5 minutes'
+"""
 
 _LIST_ACTIVE = """
 SELECT a.meeting_id, m.meeting_code, a.region, a.meeting_controller_id AS controller_id,

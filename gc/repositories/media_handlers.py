@@ -139,15 +139,28 @@ class MhCandidate:
 
 # Degraded MHs are candidates (the selection halves their score); ties go by
 # id so the order is total.
+# The best ``limit`` by score (free share, halved when degraded - the order
+# gc/selection.py ranks by) plus the best of every zone, so that neither a
+# crowd of one zone nor of lightly loaded degraded MHs hides the backup in
+# another zone or a better healthy MH.
 _ASSIGNMENT_CANDIDATES = """
+WITH eligible AS (
+    SELECT handler_id, zone, webtransport_endpoint, current_streams, max_streams, health_status,
+           (1 - current_streams::float8 / max_streams)
+             * CASE WHEN health_status = 'degraded' THEN 0.5 ELSE 1 END AS score
+    FROM media_handlers
+    WHERE region = $1
+      AND health_status IN ('healthy', 'degraded')
+      AND last_heartbeat_at > now() - make_interval(secs => $2)
+      AND current_streams < max_streams
+), best AS (
+    SELECT * FROM eligible ORDER BY score DESC, handler_id LIMIT $3
+), best_per_zone AS (
+    SELECT DISTINCT ON (zone) * FROM eligible ORDER BY zone, score DESC, handler_id
+)
 SELECT handler_id, zone, webtransport_endpoint, current_streams, max_streams, health_status
-FROM media_handlers
-WHERE region = $1
-  AND health_status IN ('healthy', 'degraded')
-  AND last_heartbeat_at > now() - make_interval(secs => $2)
-  AND current_streams < max_streams
-ORDER BY current_streams::float8 / max_streams, handler_id
-LIMIT $3
+FROM (SELECT * FROM best UNION SELECT * FROM best_per_zone) AS candidates
+ORDER BY score DESC, handler_id
 """
 
 
@@ -156,8 +169,9 @@ LIMIT $3
 async def assignment_candidates(
     pool: asyncpg.Pool, *, region: str, stale_after_s: float, limit: int = 20
 ) -> list[MhCandidate]:
-    """Up to ``limit`` MHs a meeting may use: ``healthy`` or ``degraded``,
-    reporting within ``stale_after_s`` (database clock), in ``region``, with
-    free streams; least loaded (by ratio) first."""
+    """The MHs a meeting may use - ``healthy`` or ``degraded``, reporting
+    within ``stale_after_s`` (database clock), in ``region``, with free
+    streams: the best ``limit`` by score and the best of each zone, best
+    first."""
     rows = await pool.fetch(_ASSIGNMENT_CANDIDATES, region, stale_after_s, limit)
     return [MhCandidate(**dict(row)) for row in rows]

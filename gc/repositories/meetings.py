@@ -81,6 +81,9 @@ WITH m AS (
     FROM meetings
     WHERE meeting_code = $1 AND ($2::uuid IS NULL OR org_id = $2::uuid)
       AND status IN ('scheduled', 'active')
+      -- a guest sees only meetings that admit guests: a members-only
+      -- meeting's code is neither confirmed to exist nor touched
+      AND ($2::uuid IS NOT NULL OR allow_guests)
 ), touched AS (
     UPDATE meetings AS t SET
         status = 'active',
