@@ -94,7 +94,8 @@ class ControllerNotRunning(ActorError):
     """The controller's ``run`` has not started yet or has ended."""
 
 
-OnMeetingEnded = Callable[[str, str], Awaitable[None]]
+#: (meeting id, its generation, end reason): release its state, tell the GC.
+OnMeetingEnded = Callable[[str, int, str], Awaitable[None]]
 Counter = Callable[[], None]
 
 
@@ -483,10 +484,10 @@ class MeetingControllerActor:
         reason = actor.end_reason
         if reason is EndReason.FENCED_OUT:
             return
-        log.info("meeting ended", meeting_id=meeting_id, reason=reason.value)
+        log.info("meeting_ended", meeting_id=meeting_id, reason=reason.value)
         with trio.move_on_after(self._notify_timeout_s) as scope:
             try:
-                await self._on_meeting_ended(meeting_id, reason.value)
+                await self._on_meeting_ended(meeting_id, actor.generation, reason.value)
             except Exception:
                 log.exception("on_meeting_ended failed", meeting_id=meeting_id)
         if scope.cancelled_caught:

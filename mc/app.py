@@ -34,7 +34,11 @@ from darktower.mc.metrics import (
     PARTICIPANTS,
     REGISTRY,
 )
-from darktower.mc.repositories.meeting_state import MeetingStateStore
+from darktower.mc.repositories.meeting_state import (
+    MeetingStateError,
+    MeetingStateStore,
+    RedisUnavailable,
+)
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.grpc_server import GrpcServer
 from darktower.shared.http_server import run_http
@@ -96,7 +100,7 @@ async def run_mc(
         ):
             controller = MeetingControllerActor(
                 ledger,
-                on_meeting_ended=_notifier(gc_client, config.region),
+                on_meeting_ended=_meeting_ended(store, gc_client, config.region, config.mc_id),
                 empty_meeting_timeout_s=config.empty_meeting_timeout_s,
                 count_meeting_failed=MEETING_FAILURES.inc,
                 count_fenced_out=FENCED_OUT.inc,
@@ -173,10 +177,22 @@ async def run_mc(
                 nursery.cancel_scope.cancel()
 
 
-def _notifier(gc_client: GcClient, region: str) -> OnMeetingEnded:
-    async def notify_meeting_ended(meeting_id: str, reason: str) -> None:
-        """Tell the GC a meeting ended here (SPEC §7.4); failures are logged,
-        the GC's cleanup job ends stale assignments anyway."""
+def _meeting_ended(
+    store: MeetingStateStore, gc_client: GcClient, region: str, mc_id: str
+) -> OnMeetingEnded:
+    async def meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
+        """Release the meeting's Redis state (fenced: a newer owner's state is
+        untouched; the generation stays as a tombstone) and tell the GC it
+        ended here (SPEC §7.4). Failures are logged: the tombstone's absence
+        only leaves keys a newer claim takes over, and the GC's cleanup ends
+        stale assignments anyway."""
+        try:
+            released = await store.release(meeting_id, generation, mc_id)
+            log.info(
+                "meeting_state_released", meeting_id=meeting_id, outcome=released.outcome.value
+            )
+        except (RedisUnavailable, MeetingStateError) as exc:
+            log.warning("meeting_state_release_failed", meeting_id=meeting_id, error=str(exc))
         try:
             await gc_client.notify_meeting_ended(
                 pb.NotifyMeetingEndedRequest(meeting_id=meeting_id, region=region)
@@ -184,4 +200,4 @@ def _notifier(gc_client: GcClient, region: str) -> OnMeetingEnded:
         except GcError as exc:
             log.warning("notify_meeting_ended_failed", meeting_id=meeting_id, error=str(exc))
 
-    return notify_meeting_ended
+    return meeting_ended

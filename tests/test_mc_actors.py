@@ -33,7 +33,7 @@ class Recorder:
     failed: int = 0
     fenced: int = 0
 
-    async def on_meeting_ended(self, meeting_id: str, reason: str) -> None:
+    async def on_meeting_ended(self, meeting_id: str, generation: int, reason: str) -> None:
         self.ended.append((meeting_id, reason, trio.current_time()))
 
     def count_failed(self) -> None:
@@ -347,7 +347,7 @@ async def test_on_meeting_ended_failures_are_bounded_and_contained(
 ) -> None:
     calls: list[tuple[str, float]] = []
 
-    async def flaky(meeting_id: str, reason: str) -> None:
+    async def flaky(meeting_id: str, generation: int, reason: str) -> None:
         calls.append((meeting_id, trio.current_time()))
         if meeting_id == "raises":
             raise ConnectionError("GC unreachable")

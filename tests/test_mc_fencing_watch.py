@@ -38,7 +38,7 @@ class Core:
 
 @asynccontextmanager
 async def mc_core(redis_url: str, key_prefix: str) -> AsyncIterator[Core]:
-    async def on_meeting_ended(meeting_id: str, reason: str) -> None:
+    async def on_meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
         pass
 
     client: coredis.Redis[Any] = coredis.Redis.from_url(redis_url)
@@ -171,7 +171,7 @@ async def test_a_redis_error_reply_neither_drops_nor_crashes(
 async def test_a_slot_is_given_back_when_no_actor_takes_it(
     redis_server_url: str, redis_key_prefix: str
 ) -> None:
-    async def on_meeting_ended(meeting_id: str, reason: str) -> None:
+    async def on_meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
         pass
 
     client: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
