@@ -80,7 +80,7 @@ async def running_mc(
 ) -> AsyncIterator[RunningMc]:
     ended: list[tuple[str, str]] = []
 
-    async def on_meeting_ended(meeting_id: str, reason: str) -> None:
+    async def on_meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
         ended.append((meeting_id, reason))
 
     client: coredis.Redis[Any] = coredis.Redis.from_url(redis_url)
