@@ -1,7 +1,7 @@
 """``dt bench ...``: the benchmarks of SPEC §10.
 
 Each benchmark is one subcommand registered by a small function here, so
-adding ``join`` or ``all`` is one more ``_add_*`` call; the work itself
+adding ``all`` is one more ``_add_*`` call; the work itself
 lives in :mod:`darktower.cli.bench`. Options shared by every benchmark
 (duration, JSON output) are declared once in :func:`_common_options`, the
 load shape (workers, connections) in :func:`_load_options`.
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from darktower.cli.bench.assign import AssignOptions, run_assign
 from darktower.cli.bench.heartbeats import HeartbeatOptions, run_heartbeats
+from darktower.cli.bench.join import JoinOptions, run_join
 
 if TYPE_CHECKING:  # subscriptable for type checkers only
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -58,6 +59,28 @@ def _redis_url(text: str) -> str:
     if not text.startswith(("redis://", "rediss://", "unix://")):
         raise argparse.ArgumentTypeError("must be a redis://, rediss:// or unix:// URL")
     return text
+
+
+def _rates(text: str) -> tuple[int, ...]:
+    try:
+        rates = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not rates or rates[0] <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return rates
+
+
+def _step(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 < value <= 10:
+        raise argparse.ArgumentTypeError("must be above 1 and at most 10")
+    return value
 
 
 def _database_option(parser: argparse.ArgumentParser) -> None:
@@ -206,9 +229,103 @@ def _add_assign(sub: SubParsers) -> None:
     parser.set_defaults(func=_run_assign)
 
 
+def _run_join(args: argparse.Namespace) -> int:
+    return run_join(
+        JoinOptions(
+            rates=args.rates,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            search=not args.no_search,
+            step=args.step,
+            max_rate=args.max_rate,
+            concurrency=args.concurrency,
+            mcs=args.mcs,
+            meetings=args.meetings,
+            max_connections=args.max_connections,
+            database_url=_database_from(args),
+            redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+            json_path=args.json,
+        )
+    )
+
+
+def _add_join(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "join",
+        help="one GC process's join latency at fixed rates (open loop), against the floor",
+        description=(
+            "Start a GC, simulated MHs and --mcs MCs (real processes, real gRPC, Redis "
+            "fencing); drive re-joins (existing assignment, --meetings meetings) and first "
+            "joins (new assignment, fresh meetings created through the API) open-loop at each "
+            "rate from a separate load-generator process, latency measured from each join's "
+            "intended send time; step the rate up by --step until P99 exceeds 100 ms; saturate "
+            "re-joins closed-loop; then do the same against the floor (the same HTTP stack, "
+            "hypercorn on trio + Starlette, answering a constant join response). Prints "
+            "P50/P95/P99 per "
+            "rate, the highest rate with P99 <= 100 ms, the re-join/floor throughput ratio and "
+            "the targets; exit 0 even when a target is missed. Only the bench's own Redis keys "
+            "are deleted at the end; nothing is flushed."
+        ),
+    )
+    _database_option(parser)
+    parser.add_argument(
+        "--redis-url",
+        type=_redis_url,
+        default=None,
+        help="Redis server for the MCs (default: $REDIS_URL, else an embedded server)",
+    )
+    _common_options(parser)
+    parser.add_argument(
+        "--rates",
+        type=_rates,
+        default=(50, 100, 200),
+        metavar="R,R,...",
+        help="joins/s measured for first joins and re-joins, and for the floor (50,100,200)",
+    )
+    parser.add_argument(
+        "--no-search",
+        action="store_true",
+        help="do not step the rate up beyond --rates for the highest rate with P99 <= 100 ms",
+    )
+    parser.add_argument(
+        "--step", type=_step, default=1.25, metavar="F", help="search: next rate = rate x F (1.25)"
+    )
+    parser.add_argument(
+        "--max-rate",
+        type=_positive_int,
+        default=2000,
+        metavar="R",
+        help="search: highest rate tried (2000)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=32,
+        metavar="C",
+        help="connections of the saturation runs (32)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="open loop: most connections at once; later joins wait (and are charged) (256)",
+    )
+    parser.add_argument(
+        "--meetings",
+        type=_positive_int,
+        default=200,
+        metavar="N",
+        help="meetings the re-joins cycle over (created and joined once first) (200)",
+    )
+    parser.add_argument("--mcs", type=_positive_int, default=2, metavar="N", help="MCs (2)")
+    parser.set_defaults(func=_run_join)
+
+
 def add_parser(subparsers: SubParsers) -> None:
     """Register ``dt bench`` and its benchmarks."""
     bench = subparsers.add_parser("bench", help="benchmarks (SPEC §10)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     _add_heartbeats(sub)
     _add_assign(sub)
+    _add_join(sub)
