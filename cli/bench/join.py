@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,7 @@ class _Server:
 
     child: Child
     port: int
-    backend_cpu: Any = postgres_cpu
+    backend_cpu: Callable[[], float] = postgres_cpu
 
 
 def _start_job(run: _Run, name: str, config: JoinLoadConfig) -> Child:
