@@ -14,22 +14,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from darktower.cli.args import positive_int
 from darktower.cli.bench.assign import AssignOptions, run_assign
 from darktower.cli.bench.heartbeats import HeartbeatOptions, run_heartbeats
 from darktower.cli.bench.join import JoinOptions, run_join
 
 if TYPE_CHECKING:  # subscriptable for type checkers only
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -134,10 +125,10 @@ def _run_heartbeats(args: argparse.Namespace) -> int:
 
 def _load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=64, metavar="C", help="workers (64)"
+        "--concurrency", type=positive_int, default=64, metavar="C", help="workers (64)"
     )
     parser.add_argument(
-        "--channels", type=_positive_int, default=4, metavar="K", help="HTTP/2 connections (4)"
+        "--channels", type=positive_int, default=4, metavar="K", help="HTTP/2 connections (4)"
     )
 
 
@@ -158,25 +149,25 @@ def _add_heartbeats(sub: SubParsers) -> None:
     _common_options(parser)
     _load_options(parser)
     parser.add_argument(
-        "--mcs", type=_positive_int, default=1000, metavar="N", help="registered MCs (1000)"
+        "--mcs", type=positive_int, default=1000, metavar="N", help="registered MCs (1000)"
     )
     parser.add_argument(
         "--pool-size",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="PostgreSQL pool of the GC and the floor (10, the GC's default)",
     )
     parser.add_argument(
         "--health-mcs",
-        type=_positive_int,
+        type=positive_int,
         default=10_000,
         metavar="N",
         help="fleet size for the health-check statement (10000)",
     )
     parser.add_argument(
         "--health-runs",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         metavar="N",
         help="timed runs of the health-check statement (20)",
@@ -292,33 +283,33 @@ def _add_join(sub: SubParsers) -> None:
     )
     parser.add_argument(
         "--max-rate",
-        type=_positive_int,
+        type=positive_int,
         default=2000,
         metavar="R",
         help="search: highest rate tried (2000)",
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=32,
         metavar="C",
         help="connections of the saturation runs (32)",
     )
     parser.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         metavar="N",
         help="open loop: most connections at once; later joins wait (and are charged) (256)",
     )
     parser.add_argument(
         "--meetings",
-        type=_positive_int,
+        type=positive_int,
         default=200,
         metavar="N",
         help="meetings the re-joins cycle over (created and joined once first) (200)",
     )
-    parser.add_argument("--mcs", type=_positive_int, default=2, metavar="N", help="MCs (2)")
+    parser.add_argument("--mcs", type=positive_int, default=2, metavar="N", help="MCs (2)")
     parser.set_defaults(func=_run_join)
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import trio
 
+from darktower.cli.args import database_url
 from darktower.gc.schema import apply_schema
 from darktower.shared.db import DatabaseRefused, DatabaseUnavailable, open_pool
 from darktower.shared.seam import asyncio_loop, run_aio
@@ -19,11 +19,8 @@ async def _init(dsn: str) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    dsn = args.database_url or os.environ.get("DATABASE_URL", "")
-    if not dsn.startswith(("postgres://", "postgresql://")):
-        print(
-            "error: DATABASE_URL (or --database-url) must be a postgresql:// URL", file=sys.stderr
-        )
+    dsn = database_url(args)
+    if dsn is None:
         return 2
     problem = ""
     try:

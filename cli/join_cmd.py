@@ -34,6 +34,7 @@ from email.message import Message
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from darktower.cli.args import positive_float
 from darktower.cli.keys_cmd import DEFAULT_KEYS_DIR, SIGNING_KEY_FILE
 from darktower.shared.keys import KeyFileError, key_id, load_private_key
 from darktower.shared.tokens import mint_user_token
@@ -386,16 +387,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``dt join``."""
     join = subparsers.add_parser(
@@ -433,7 +424,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     join.add_argument("--user", metavar="USER_ID", help="user id (sub) for the minted user token")
     join.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_float,
         metavar="S",
         help=f"give up on the join after S seconds (default: {JOIN_TIMEOUT_S:g}; raise it for a"
         " GC with a longer GC_JOIN_TIMEOUT_S)",

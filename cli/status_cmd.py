@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 import trio
 
+from darktower.cli.args import database_url, positive_float, positive_int
 from darktower.cli.join_cmd import printable
 from darktower.gc.repositories import assignments, media_handlers, meeting_controllers
 from darktower.gc.repositories.assignments import AssignmentSummary
@@ -266,37 +267,14 @@ def to_json(fleet: Fleet, *, stale_after_s: float) -> dict[str, Any]:
     }
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
 def _run(args: argparse.Namespace) -> int:
-    dsn = args.database_url or os.environ.get("DATABASE_URL", "")
-    if not dsn.startswith(("postgres://", "postgresql://")):
-        print(
-            "error: DATABASE_URL (or --database-url) must be a postgresql:// URL", file=sys.stderr
-        )
+    dsn = database_url(args)
+    if dsn is None:
         return 2
     stale_after_s = args.stale_after
     if stale_after_s is None:
         try:
-            stale_after_s = _positive_float(
+            stale_after_s = positive_float(
                 os.environ.get("GC_STALE_AFTER_S") or str(DEFAULT_STALE_AFTER_S)
             )
         except argparse.ArgumentTypeError as exc:
@@ -338,14 +316,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status.add_argument("--json", action="store_true", help="print one JSON document")
     status.add_argument(
         "--stale-after",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="heartbeat age in seconds past which a node is shown stale"
         f" (default: $GC_STALE_AFTER_S or {DEFAULT_STALE_AFTER_S:g})",
     )
     status.add_argument(
         "--limit",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_ASSIGNMENT_LIMIT,
         metavar="N",
         help=f"show at most N active assignments, newest first"

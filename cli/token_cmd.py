@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from darktower.cli.args import positive_int
 from darktower.cli.keys_cmd import DEFAULT_KEYS_DIR, SIGNING_KEY_FILE
 from darktower.shared.keys import Ed25519PrivateKey, KeyFileError, key_id, load_private_key
 from darktower.shared.tokens import (
@@ -33,16 +34,6 @@ DEFAULT_KEY_PATH = DEFAULT_KEYS_DIR / SIGNING_KEY_FILE
 
 #: Mints from (private key, kid, parsed args).
 Minter = Callable[[Ed25519PrivateKey, str, argparse.Namespace], str]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 def _scopes(values: list[str] | None) -> list[str]:
@@ -115,7 +106,7 @@ def _kind(
     )
     parser.add_argument(
         "--ttl",
-        type=_positive_int,
+        type=positive_int,
         default=default_ttl,
         metavar="SECONDS",
         help=f"lifetime in seconds (default: {default_ttl})",
