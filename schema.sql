@@ -117,8 +117,27 @@ CREATE INDEX IF NOT EXISTS meeting_assignments_ended_idx
 CREATE TABLE IF NOT EXISTS meeting_assignment_leases (
     meeting_id  uuid NOT NULL,
     region      text NOT NULL CHECK (char_length(region) BETWEEN 1 AND 50),
-    holder      uuid NOT NULL,
+    -- NULL once a record consumed the lease (it is free again).
+    holder      uuid,
     gc_id       text NOT NULL,
     expires_at  timestamptz NOT NULL,
+    -- The generation last recorded under this lease: lets a join that takes
+    -- the lease notice a record its snapshot missed.
+    recorded_generation bigint,
     PRIMARY KEY (meeting_id, region)
 );
+-- Databases created before the lease kept its recorded generation. Checked
+-- first, so that a GC starting next to busy ones takes no table lock.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'meeting_assignment_leases'
+          AND column_name = 'recorded_generation')
+    THEN
+        ALTER TABLE meeting_assignment_leases
+            ALTER COLUMN holder DROP NOT NULL,
+            ADD COLUMN recorded_generation bigint;
+    END IF;
+END
+$$;

@@ -26,6 +26,7 @@ import asyncio
 import random
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -38,7 +39,7 @@ from darktower.gc.join_errors import (
 )
 from darktower.gc.mc_client import McClient
 from darktower.gc.metrics import ASSIGNMENT_RETRIES, MC_RPCS
-from darktower.gc.repositories import assignments, media_handlers, meeting_controllers, meetings
+from darktower.gc.repositories import assignments, meetings
 from darktower.gc.repositories.assignments import ActiveAssignment
 from darktower.gc.repositories.media_handlers import MhCandidate
 from darktower.gc.repositories.meetings import MeetingRow
@@ -147,10 +148,11 @@ class JoinService:
         holder = uuid.uuid4()
         poll_s = self._poll_interval_s
         while True:
-            if await self._take_lease(meeting, holder):
+            start = await self._begin_attempt(meeting, holder, excluded=())
+            if start.taken:
                 won = False
                 try:
-                    result = await self._assign_holding_lease(meeting, holder)
+                    result = await self._assign_holding_lease(meeting, holder, start)
                     won = result.assigned
                     return result
                 except _LeaseLost:
@@ -164,15 +166,20 @@ class JoinService:
             if existing is not None:
                 return JoinResult(meeting, existing, assigned=False)
 
-    async def _take_lease(self, meeting: MeetingRow, holder: uuid.UUID) -> bool:
-        """Acquire the lease, or renew it when ``holder`` already has it."""
-        return await assignments.acquire_lease(
+    async def _begin_attempt(
+        self, meeting: MeetingRow, holder: uuid.UUID, *, excluded: Sequence[str]
+    ) -> assignments.AttemptStart:
+        """Take or renew the lease and read what an attempt needs (one
+        statement: :func:`assignments.begin_attempt`)."""
+        return await assignments.begin_attempt(
             self._pool,
             meeting_id=meeting.meeting_id,
             region=self._region,
             holder=holder,
             gc_id=self._gc_id,
             ttl_s=self._lease_ttl_s,
+            stale_after_s=self._stale_after_s,
+            exclude=excluded,
         )
 
     async def _live_assignment(self, meeting: MeetingRow) -> ActiveAssignment | None:
@@ -183,6 +190,16 @@ class JoinService:
             stale_after_s=self._stale_after_s,
         )
         return existing if existing is not None and existing.mc_live else None
+
+    async def _live_at_start(
+        self, meeting: MeetingRow, start: assignments.AttemptStart
+    ) -> ActiveAssignment | None:
+        """The live assignment another holder may have recorded before we
+        took the lease; read again when the attempt's snapshot missed it."""
+        if not start.snapshot_current:
+            return await self._live_assignment(meeting)
+        active = start.active
+        return active if active is not None and active.mc_live else None
 
     async def _release_lease(self, meeting: MeetingRow, holder: uuid.UUID) -> None:
         """Bounded and best effort: lets the waiting joins try at once instead
@@ -197,15 +214,14 @@ class JoinService:
         except Exception as exc:  # the lease expires by itself
             log.warning("lease_release_failed", meeting_id=str(meeting.meeting_id), error=str(exc))
 
-    async def _assign_holding_lease(self, meeting: MeetingRow, holder: uuid.UUID) -> JoinResult:
+    async def _assign_holding_lease(
+        self, meeting: MeetingRow, holder: uuid.UUID, start: assignments.AttemptStart
+    ) -> JoinResult:
         # Another holder may have recorded between our lookup and our lease.
-        existing = await self._live_assignment(meeting)
+        existing = await self._live_at_start(meeting, start)
         if existing is not None:
             return JoinResult(meeting, existing, assigned=False)
-        mh_candidates = await media_handlers.assignment_candidates(
-            self._pool, region=self._region, stale_after_s=self._stale_after_s
-        )
-        chosen_mhs = choose_media_handlers(mh_candidates)
+        chosen_mhs = choose_media_handlers(start.mh_candidates)
         if chosen_mhs is None:
             raise ServiceUnavailable(
                 "no_media_handler", "no media handler is available", retry_after_s=5
@@ -213,25 +229,25 @@ class JoinService:
         primary, backup = chosen_mhs
         excluded: list[str] = []
         for attempt in range(MAX_ATTEMPTS):
-            generation, candidates = await meeting_controllers.assignment_candidates(
-                self._pool,
-                region=self._region,
-                stale_after_s=self._stale_after_s,
-                exclude=excluded,
-            )
-            controller = choose_controller(candidates, self._rng)
+            if attempt > 0:
+                ASSIGNMENT_RETRIES.inc()
+                # Renew before each further call: the lease covers one attempt
+                # (``lease_ttl_s``), not the worst case of all three. The same
+                # statement draws the attempt's generation and candidates.
+                start = await self._begin_attempt(meeting, holder, excluded=excluded)
+                if not start.taken:
+                    raise _LeaseLost
+                existing = await self._live_at_start(meeting, start)
+                if existing is not None:
+                    return JoinResult(meeting, existing, assigned=False)
+            controller = choose_controller(start.mc_candidates, self._rng)
             if controller is None:
                 if attempt == 0:
                     raise ServiceUnavailable(
                         "no_controller", "no meeting controller is available", retry_after_s=5
                     )
                 break
-            if attempt > 0:
-                ASSIGNMENT_RETRIES.inc()
-                # Renew before each further call: the lease covers one attempt
-                # (``lease_ttl_s``), not the worst case of all three.
-                if not await self._take_lease(meeting, holder):
-                    raise _LeaseLost
+            generation = start.generation
             outcome = await self._mc_client.assign(
                 controller_id=controller.controller_id,
                 endpoint=controller.grpc_endpoint,

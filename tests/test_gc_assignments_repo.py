@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from typing import cast
 
 import asyncpg
 import pytest
@@ -193,7 +194,12 @@ async def assignment_rows(pool: asyncpg.Pool) -> list[asyncpg.Record]:
 
 
 async def lease_rows(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    return list(await run_aio(pool.fetch, "SELECT * FROM meeting_assignment_leases"))
+    """The leases someone holds (a record leaves its lease free: holder NULL)."""
+    return list(
+        await run_aio(
+            pool.fetch, "SELECT * FROM meeting_assignment_leases WHERE holder IS NOT NULL"
+        )
+    )
 
 
 def expected(
@@ -354,6 +360,136 @@ async def test_delete_expired_leases_counts_and_keeps_live_ones(db_pool: asyncpg
     assert await run_aio(assignments.delete_expired_leases, db_pool) == 0
 
 
+# --- begin_attempt -------------------------------------------------------------------------------
+
+
+async def begin(
+    pool: asyncpg.Pool, meeting_id: uuid.UUID, holder: uuid.UUID, *, exclude: tuple[str, ...] = ()
+) -> assignments.AttemptStart:
+    return await run_aio(assignments.begin_attempt, pool, meeting_id=meeting_id, region=REGION,
+                         holder=holder, gc_id=GC_ID, ttl_s=10.0, stale_after_s=STALE,
+                         exclude=exclude)  # fmt: skip
+
+
+async def test_begin_attempt_reads_everything_an_attempt_needs(fleet: asyncpg.Pool) -> None:
+    await add_mc(fleet, "mc-3", region="elsewhere")
+    await add_mh(fleet, "mh-far", region="elsewhere")
+    meeting_id, holder = uuid.uuid4(), uuid.uuid4()
+    before = await next_generation(fleet)
+    start = await begin(fleet, meeting_id, holder)
+    assert start.taken
+    assert start.snapshot_current
+    assert start.active is None
+    assert start.generation > before
+    # Same candidates, in the same order, as the standalone queries.
+    _, mcs = await run_aio(meeting_controllers.assignment_candidates, fleet, region=REGION,
+                           stale_after_s=STALE, exclude=[])  # fmt: skip
+    mhs = await run_aio(media_handlers.assignment_candidates, fleet, region=REGION,
+                        stale_after_s=STALE)  # fmt: skip
+    assert list(start.mc_candidates) == mcs
+    assert {c.controller_id for c in mcs} == {"mc-1", "mc-2"}
+    assert sorted(start.mh_candidates, key=lambda c: c.handler_id) == sorted(
+        mhs, key=lambda c: c.handler_id
+    )
+    assert [c.handler_id for c in mhs] == ["mh-1", "mh-2"]
+    [lease] = await lease_rows(fleet)
+    assert (lease["meeting_id"], lease["holder"], lease["gc_id"]) == (meeting_id, holder, GC_ID)
+    # A renewal excludes refused MCs and draws a newer generation.
+    again = await begin(fleet, meeting_id, holder, exclude=("mc-1",))
+    assert again.taken
+    assert again.generation > start.generation
+    assert [c.controller_id for c in again.mc_candidates] == ["mc-2"]
+
+
+async def test_begin_attempt_is_refused_while_another_holds_the_lease(fleet: asyncpg.Pool) -> None:
+    meeting_id, theirs = uuid.uuid4(), uuid.uuid4()
+    assert await acquire(fleet, meeting_id, theirs)
+    before = await next_generation(fleet)
+    assert await begin(fleet, meeting_id, uuid.uuid4()) == assignments.AttemptStart(taken=False)
+    # Nothing was drawn for the refused attempt.
+    assert await next_generation(fleet) == before + 1
+    assert [r["holder"] for r in await lease_rows(fleet)] == [theirs]
+
+
+async def test_begin_attempt_sees_the_active_assignment(fleet: asyncpg.Pool) -> None:
+    meeting_id = uuid.uuid4()
+    generation = await next_generation(fleet)
+    await lease_and_record(fleet, meeting_id, "mc-2", generation=generation)
+    # The record freed its lease: the next holder takes it and sees the record.
+    start = await begin(fleet, meeting_id, uuid.uuid4())
+    assert start.taken
+    assert start.snapshot_current
+    assert start.active == expected(meeting_id, "mc-2", generation)
+    # Not live any more: reported so (the flow then replaces it).
+    await backdate(fleet, "mc", STALE + 1, "mc-2")
+    later = await begin(fleet, meeting_id, uuid.uuid4())
+    assert later.taken is False  # the previous attempt's lease is still live
+    await run_aio(fleet.execute, "UPDATE meeting_assignment_leases SET expires_at = now() - "
+                  "interval '1 second'")  # fmt: skip
+    later = await begin(fleet, meeting_id, uuid.uuid4())
+    assert later.active == expected(meeting_id, "mc-2", generation, live=False)
+    assert [c.controller_id for c in later.mc_candidates] == ["mc-1"]
+
+
+async def test_begin_attempt_notices_a_record_its_snapshot_missed(
+    fleet: asyncpg.Pool, database_dsn: str
+) -> None:
+    """The hazard of reading the assignment and taking the lease in one
+    statement: holder A's lease expired, and A records while B's attempt
+    runs. B's statement takes its snapshot before A commits, then waits on
+    the lease row A is consuming and takes it once A commits. B's snapshot
+    misses A's assignment - and B must be told so (``snapshot_current``
+    false), or it would call an MC with a newer generation and fence A's
+    live assignment out. Deterministic: B is observed blocked on the row lock
+    (pg_locks) before A commits."""
+    meeting_id, a_holder = uuid.uuid4(), uuid.uuid4()
+    assert await acquire(fleet, meeting_id, a_holder)
+    await run_aio(fleet.execute, "UPDATE meeting_assignment_leases SET expires_at = now() - "
+                  "interval '1 second'")  # fmt: skip
+    generation = await next_generation(fleet)
+    a_con = await run_aio(asyncpg.connect, database_dsn)
+    try:
+        a_tx = a_con.transaction()
+        await run_aio(a_tx.start)
+        a_pid = a_con.get_server_pid()
+        outcome = await run_aio(
+            # One connection, so the record stays uncommitted; it has the
+            # pool's fetchrow.
+            assignments.record, cast(asyncpg.Pool, a_con), meeting_id=meeting_id, region=REGION,
+            controller_id="mc-1", generation=generation, gc_id="gc-a", primary_mh_id="mh-1",
+            backup_mh_id="mh-2", holder=a_holder, stale_after_s=STALE,
+        )  # fmt: skip
+        assert outcome.won
+        result: list[assignments.AttemptStart] = []
+
+        async def attempt_b() -> None:
+            result.append(await begin(fleet, meeting_id, uuid.uuid4()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt_b)
+            with trio.fail_after(10):  # B blocks on A's row lock at once; bounded anyway
+                while True:
+                    blocked = await run_aio(
+                        fleet.fetchval,
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND $1 = any("
+                        "SELECT unnest(pg_blocking_pids(pid)))",
+                        a_pid,
+                    )
+                    if blocked:
+                        break
+                    await trio.sleep(0.01)
+            await run_aio(a_tx.commit)
+        [b] = result
+    finally:
+        await run_aio(a_con.close)
+    assert b.taken
+    assert not b.snapshot_current
+    assert b.active is None
+    assert b.generation > generation
+    # What the flow then does: read again, and find A's live assignment.
+    assert await find_active(fleet, meeting_id) == expected(meeting_id, "mc-1", generation)
+
+
 # --- record --------------------------------------------------------------------------------------
 
 
@@ -370,6 +506,9 @@ async def test_record_inserts_bumps_load_once_and_consumes_the_lease(fleet: asyn
     assert await mc_load(fleet, "mc-1", "mc-2") == [1, 0]
     assert await mh_load(fleet, "mh-1", "mh-2") == [1, 1]
     assert await lease_rows(fleet) == []
+    # The consumed lease stays, free, marked with what was recorded under it.
+    [lease] = await run_aio(fleet.fetch, "SELECT * FROM meeting_assignment_leases")
+    assert (lease["holder"], lease["recorded_generation"]) == (None, generation)
 
 
 async def test_record_without_the_lease_writes_nothing(fleet: asyncpg.Pool) -> None:

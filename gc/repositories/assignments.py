@@ -20,13 +20,18 @@ kept. Staleness is always judged on the database clock.
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
 from darktower.gc.metrics import DB_QUERY_SECONDS
+from darktower.gc.repositories import media_handlers, meeting_controllers
+from darktower.gc.repositories.media_handlers import MhCandidate
+from darktower.gc.repositories.meeting_controllers import McCandidate
 from darktower.shared.db import translate_errors
 from darktower.shared.metrics import timed
 
@@ -59,6 +64,22 @@ class RecordOutcome:
 
     won: bool
     assignment: ActiveAssignment | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStart:
+    """What :func:`begin_attempt` found. ``taken`` is false while another
+    holder's lease is live; then nothing else was read or drawn."""
+
+    taken: bool
+    #: The active assignment (live or not), if the snapshot is current.
+    active: ActiveAssignment | None = None
+    #: False when a record committed after this statement's snapshot: read
+    #: the assignment again (:func:`find_active`) before calling any MC.
+    snapshot_current: bool = True
+    generation: int = 0
+    mc_candidates: tuple[McCandidate, ...] = ()
+    mh_candidates: tuple[MhCandidate, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,30 +122,39 @@ def assignment_from_row(row: asyncpg.Record) -> ActiveAssignment | None:
     )
 
 
-_FIND_ACTIVE = """
+def _active_sql(*, meeting_id: int, region: int, stale_after_s: int) -> str:
+    """The active assignment of a meeting with its MC's endpoints and
+    liveness, in the columns :func:`assignment_from_row` reads (placeholders
+    only are substituted)."""
+    # Only placeholder numbers (ints) are interpolated, never values.
+    return f"""
 SELECT a.meeting_id AS a_meeting_id, a.region AS a_region,
        a.meeting_controller_id AS a_controller_id,
        mc.grpc_endpoint AS a_mc_grpc_endpoint,
        mc.webtransport_endpoint AS a_mc_webtransport_endpoint,
        a.generation AS a_generation,
        (mc.health_status = 'healthy'
-        AND mc.last_heartbeat_at > now() - make_interval(secs => $3)) AS a_mc_live,
+        AND mc.last_heartbeat_at > now() - make_interval(secs => ${stale_after_s})) AS a_mc_live,
        a.primary_mh_id AS a_primary_mh_id, pmh.webtransport_endpoint AS a_primary_wt,
        a.backup_mh_id AS a_backup_mh_id, bmh.webtransport_endpoint AS a_backup_wt
 FROM meeting_assignments AS a
 JOIN meeting_controllers AS mc ON mc.controller_id = a.meeting_controller_id
 JOIN media_handlers AS pmh ON pmh.handler_id = a.primary_mh_id
 LEFT JOIN media_handlers AS bmh ON bmh.handler_id = a.backup_mh_id
-WHERE a.meeting_id = $1 AND a.region = $2 AND a.ended_at IS NULL
-"""
+WHERE a.meeting_id = ${meeting_id} AND a.region = ${region} AND a.ended_at IS NULL
+"""  # noqa: S608 - only placeholder numbers are interpolated
 
-# Taken when free, expired (database clock), or already the caller's (renewal).
+
+_FIND_ACTIVE = _active_sql(meeting_id=1, region=2, stale_after_s=3)
+
+# Taken when free (no row, or consumed by a record: ``holder`` NULL), expired
+# (database clock), or already the caller's (renewal).
 # ON CONFLICT decides on the newest committed row, so two GCs never both win.
 # The NOT EXISTS pre-check only saves work: while another holder's lease is
 # visibly live, nothing is inserted and so nothing locked or written (ON
 # CONFLICT DO UPDATE locks the row even when its WHERE is false), which keeps
 # joins waiting on a busy meeting from queueing on the lease row.
-_ACQUIRE_LEASE = """
+_LEASE_UPSERT = """
 INSERT INTO meeting_assignment_leases AS l (meeting_id, region, holder, gc_id, expires_at)
 SELECT $1::uuid, $2::text, $3::uuid, $4::text, now() + make_interval(secs => $5)
 WHERE NOT EXISTS (
@@ -132,20 +162,61 @@ WHERE NOT EXISTS (
     WHERE meeting_id = $1 AND region = $2 AND holder <> $3 AND expires_at >= now())
 ON CONFLICT (meeting_id, region) DO UPDATE SET
     holder = EXCLUDED.holder, gc_id = EXCLUDED.gc_id, expires_at = EXCLUDED.expires_at
-WHERE l.expires_at < now() OR l.holder = EXCLUDED.holder
-RETURNING true
+WHERE l.holder IS NULL OR l.expires_at < now() OR l.holder = EXCLUDED.holder
 """
+
+_ACQUIRE_LEASE = _LEASE_UPSERT + "RETURNING true\n"
 
 _RELEASE_LEASE = """
 DELETE FROM meeting_assignment_leases WHERE meeting_id = $1 AND region = $2 AND holder = $3
 """
 
+# One attempt of a first join (SPEC §6.3 steps 1-5), one statement:
+# * ``lease`` takes or renews the meeting's lease (as :data:`_ACQUIRE_LEASE`);
+#   every other part runs only when it was taken (they all read ``lease``).
+# * ``recorded_generation`` of the lease row is read in its *newest* version
+#   (ON CONFLICT locks and uses it), while ``active`` is read in this
+#   statement's snapshot. A record that committed between the two (its lease
+#   was expired, so this statement could take it over) is therefore seen by
+#   the lease but missed by ``active``: ``snapshot_current`` is then false and
+#   the caller must read the assignment again (:func:`find_active`) before it
+#   calls any MC - otherwise it would draw a newer generation for a meeting
+#   that already has a live assignment, and its MC would fence the winner out.
+# * the generation is drawn after the lease is held (``generation`` reads
+#   ``lease``), so it is newer than every generation drawn by earlier holders.
+# * the MC and MH candidates, as their modules define them, as JSON arrays.
+_BEGIN_ATTEMPT = f"""
+WITH lease AS (
+{_LEASE_UPSERT}    RETURNING l.recorded_generation
+), generation AS (
+    SELECT nextval('meeting_generation_seq') AS generation FROM lease
+)
+SELECT g.generation,
+       (lease.recorded_generation IS NULL
+        OR lease.recorded_generation <= coalesce(
+            (SELECT seen.generation FROM meeting_assignments AS seen
+             WHERE seen.meeting_id = $1 AND seen.region = $2), 0)) AS snapshot_current,
+       active.*,
+       (SELECT json_agg(c ORDER BY c.rank) FROM (
+           {meeting_controllers.candidates_sql(region=2, stale_after_s=6, exclude=7, limit=8)}
+       ) AS c) AS mc_candidates,
+       (SELECT json_agg(m) FROM (
+           {media_handlers.candidates_sql(region=2, stale_after_s=6, limit=9)}
+       ) AS m) AS mh_candidates
+FROM lease CROSS JOIN generation AS g
+LEFT JOIN ({_active_sql(meeting_id=1, region=2, stale_after_s=6)}) AS active ON true
+"""  # noqa: S608 - only placeholder numbers are interpolated
+
+
 # The record (SPEC §6.3 step 7), one statement:
-# * ``lease`` consumes the caller's lease. DELETE locks the row and re-checks
+# * ``lease`` consumes the caller's lease. UPDATE locks the row and re-checks
 #   ``holder`` on its newest version, so a lease taken over by another GC (even
 #   one committed after this statement's snapshot) yields no row - and then
 #   nothing is written. An expired lease nobody took over is still the
-#   caller's: no other holder can have drawn a newer generation.
+#   caller's: no other holder can have drawn a newer generation. The row is
+#   kept, free (``holder`` NULL), with the recorded generation: the mark
+#   :func:`begin_attempt` needs to notice a record its snapshot missed (it is
+#   deleted with the other old leases, five minutes later).
 # * ``won`` inserts, or replaces an ended row or an active row whose MC is not
 #   live. ON CONFLICT ... DO UPDATE ... WHERE judges the conflicting row in its
 #   newest committed version (not this statement's snapshot), so a live row a
@@ -162,7 +233,8 @@ DELETE FROM meeting_assignment_leases WHERE meeting_id = $1 AND region = $2 AND 
 # winner's commit.
 _RECORD = """
 WITH lease AS (
-    DELETE FROM meeting_assignment_leases
+    UPDATE meeting_assignment_leases
+    SET holder = NULL, expires_at = now(), recorded_generation = $5
     WHERE meeting_id = $1 AND region = $2 AND holder = $3
     RETURNING meeting_id
 ), won AS (
@@ -320,6 +392,53 @@ async def acquire_lease(
     taken: bool | None = await pool.fetchval(_ACQUIRE_LEASE, meeting_id, region, holder, gc_id,
                                              ttl_s)  # fmt: skip
     return bool(taken)
+
+
+@translate_errors
+@timed(DB_QUERY_SECONDS, "assignment_begin_attempt")
+async def begin_attempt(
+    pool: asyncpg.Pool,
+    *,
+    meeting_id: uuid.UUID,
+    region: str,
+    holder: uuid.UUID,
+    gc_id: str,
+    ttl_s: float,
+    stale_after_s: float,
+    exclude: Sequence[str] = (),
+    mc_limit: int = 5,
+    mh_limit: int = 20,
+) -> AttemptStart:
+    """Take (or renew) the meeting's lease for ``ttl_s`` and, when taken,
+    read everything an attempt needs in the same round trip: the active
+    assignment, a fresh generation, the MC candidates (top ``mc_limit``, not
+    in ``exclude``; see :func:`meeting_controllers.assignment_candidates`)
+    and the MH candidates (:func:`media_handlers.assignment_candidates`)."""
+    row = await pool.fetchrow(
+        _BEGIN_ATTEMPT, meeting_id, region, holder, gc_id, ttl_s, stale_after_s,
+        list(exclude), mc_limit, mh_limit,
+    )  # fmt: skip
+    if row is None:
+        return AttemptStart(taken=False)
+    mcs = json.loads(row["mc_candidates"]) if row["mc_candidates"] is not None else []
+    mhs = json.loads(row["mh_candidates"]) if row["mh_candidates"] is not None else []
+    return AttemptStart(
+        taken=True,
+        active=assignment_from_row(row) if row["snapshot_current"] else None,
+        snapshot_current=row["snapshot_current"],
+        generation=row["generation"],
+        mc_candidates=tuple(
+            McCandidate(
+                controller_id=c["controller_id"],
+                grpc_endpoint=c["grpc_endpoint"],
+                webtransport_endpoint=c["webtransport_endpoint"],
+                current_meetings=c["current_meetings"],
+                max_meetings=c["max_meetings"],
+            )
+            for c in mcs
+        ),
+        mh_candidates=tuple(MhCandidate(**m) for m in mhs),
+    )
 
 
 @translate_errors

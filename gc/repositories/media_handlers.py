@@ -137,31 +137,42 @@ class MhCandidate:
     health_status: str  # "healthy" | "degraded"
 
 
-# Degraded MHs are candidates (the selection halves their score); ties go by
-# id so the order is total.
-# The best ``limit`` by score (free share, halved when degraded - the order
-# gc/selection.py ranks by) plus the best of every zone, so that neither a
-# crowd of one zone nor of lightly loaded degraded MHs hides the backup in
-# another zone or a better healthy MH.
-_ASSIGNMENT_CANDIDATES = """
-WITH eligible AS (
-    SELECT handler_id, zone, webtransport_endpoint, current_streams, max_streams, health_status,
-           (1 - current_streams::float8 / max_streams)
-             * CASE WHEN health_status = 'degraded' THEN 0.5 ELSE 1 END AS score
-    FROM media_handlers
-    WHERE region = $1
-      AND health_status IN ('healthy', 'degraded')
-      AND last_heartbeat_at > now() - make_interval(secs => $2)
-      AND current_streams < max_streams
-), best AS (
-    SELECT * FROM eligible ORDER BY score DESC, handler_id LIMIT $3
-), best_per_zone AS (
-    SELECT DISTINCT ON (zone) * FROM eligible ORDER BY zone, score DESC, handler_id
-)
-SELECT handler_id, zone, webtransport_endpoint, current_streams, max_streams, health_status
-FROM (SELECT * FROM best UNION SELECT * FROM best_per_zone) AS candidates
-ORDER BY score DESC, handler_id
-"""
+def candidates_sql(*, region: int, stale_after_s: int, limit: int) -> str:
+    """The MH candidates query (SPEC §6.3 step 3) over the given placeholders
+    (parameter numbers: ``1`` for ``$1``), shared by :func:`assignment_candidates` and the join's
+    one-statement attempt
+    (:func:`darktower.gc.repositories.assignments.begin_attempt`); only
+    placeholders are substituted, never values.
+
+    Degraded MHs are candidates (the selection halves their score). The best
+    ``limit`` by score (free share, halved when degraded - the order
+    gc/selection.py ranks by) plus the best of every zone, so that neither a
+    crowd of one zone nor of lightly loaded degraded MHs hides the backup in
+    another zone or a better healthy MH. Ties go by id."""
+    # Only placeholder numbers (ints) are interpolated, never values.
+    return f"""
+    WITH eligible AS (
+        SELECT handler_id, zone, webtransport_endpoint, current_streams, max_streams,
+               health_status,
+               (1 - current_streams::float8 / max_streams)
+                 * CASE WHEN health_status = 'degraded' THEN 0.5 ELSE 1 END AS score
+        FROM media_handlers
+        WHERE region = ${region}
+          AND health_status IN ('healthy', 'degraded')
+          AND last_heartbeat_at > now() - make_interval(secs => ${stale_after_s})
+          AND current_streams < max_streams
+    ), best AS (
+        SELECT * FROM eligible ORDER BY score DESC, handler_id LIMIT ${limit}
+    ), best_per_zone AS (
+        SELECT DISTINCT ON (zone) * FROM eligible ORDER BY zone, score DESC, handler_id
+    )
+    SELECT handler_id, zone, webtransport_endpoint, current_streams, max_streams, health_status
+    FROM (SELECT * FROM best UNION SELECT * FROM best_per_zone) AS candidates
+    ORDER BY score DESC, handler_id
+    """  # noqa: S608 - only placeholder numbers are interpolated
+
+
+_ASSIGNMENT_CANDIDATES = candidates_sql(region=1, stale_after_s=2, limit=3)
 
 
 @translate_errors

@@ -212,26 +212,41 @@ class McCandidate:
     max_meetings: int
 
 
+def candidates_sql(*, region: int, stale_after_s: int, exclude: int, limit: int) -> str:
+    """The MC candidates query (SPEC §6.3 step 5) over the given placeholders
+    (parameter numbers: ``1`` for ``$1``), so the join's one-statement attempt
+    (:func:`darktower.gc.repositories.assignments.begin_attempt`) and
+    :func:`assignment_candidates` share one definition. Only placeholders are
+    substituted, never values. Rows are ranked: least loaded (by ratio) first,
+    then freshest heartbeat, then id, so the order is total."""
+    # Only placeholder numbers (ints) are interpolated, never values.
+    return f"""
+    SELECT controller_id, grpc_endpoint, webtransport_endpoint, current_meetings, max_meetings,
+           row_number() OVER (ORDER BY current_meetings::float8 / max_meetings,
+                                       last_heartbeat_at DESC, controller_id) AS rank
+    FROM meeting_controllers
+    WHERE region = ${region}
+      AND health_status = 'healthy'
+      AND last_heartbeat_at > now() - make_interval(secs => ${stale_after_s})
+      AND current_meetings < max_meetings
+      AND controller_id <> all(${exclude}::text[])
+    ORDER BY rank
+    LIMIT ${limit}
+    """  # noqa: S608 - only placeholder numbers are interpolated
+
+
 # The generation is drawn in the same round trip (a CTE with a volatile
 # function runs exactly once); LEFT JOIN LATERAL keeps the row, and so the
-# generation, when there is no candidate. Ties beyond load ratio and
-# heartbeat go by id, so the order is total.
-_ASSIGNMENT_CANDIDATES = """
+# generation, when there is no candidate.
+_ASSIGNMENT_CANDIDATES = f"""
 WITH g AS (SELECT nextval('meeting_generation_seq') AS generation)
 SELECT g.generation, c.controller_id, c.grpc_endpoint, c.webtransport_endpoint,
        c.current_meetings, c.max_meetings
 FROM g LEFT JOIN LATERAL (
-    SELECT controller_id, grpc_endpoint, webtransport_endpoint, current_meetings, max_meetings
-    FROM meeting_controllers
-    WHERE region = $1
-      AND health_status = 'healthy'
-      AND last_heartbeat_at > now() - make_interval(secs => $2)
-      AND current_meetings < max_meetings
-      AND controller_id <> all($3::text[])
-    ORDER BY current_meetings::float8 / max_meetings, last_heartbeat_at DESC, controller_id
-    LIMIT $4
+    {candidates_sql(region=1, stale_after_s=2, exclude=3, limit=4)}
 ) AS c ON true
-"""
+ORDER BY c.rank
+"""  # noqa: S608 - only placeholder numbers are interpolated
 
 _LIVE_ENDPOINTS = """
 SELECT controller_id, grpc_endpoint FROM meeting_controllers
