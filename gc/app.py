@@ -48,6 +48,8 @@ log = get_logger(__name__)
 #: started together, e.g. by ``dt up``); then the GC exits with a clear line.
 _START_ATTEMPTS = 15
 _START_RETRY_DELAY_S = 1.0
+#: Meetings a user may create back to back before GC_CREATES_PER_MINUTE paces them.
+_CREATE_BURST = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,10 @@ async def run_gc(
                 guest_limiter=RateLimiter(
                     burst=min(5, config.guest_tokens_per_minute),
                     refill_interval_s=60 / config.guest_tokens_per_minute,
+                ),
+                create_limiter=RateLimiter(
+                    burst=min(_CREATE_BURST, config.creates_per_minute),
+                    refill_interval_s=60 / config.creates_per_minute,
                 ),
                 request_timeout_s=config.join_timeout_s,
             )

@@ -98,6 +98,12 @@ GUEST_TOKENS_PER_MINUTE = Var(
     parse_int_range(1, 10_000),
     "10",
 )
+CREATES_PER_MINUTE = Var(
+    "GC_CREATES_PER_MINUTE",
+    "meetings one user (token org_id and sub) may create per minute, per GC process",
+    parse_int_range(1, 1_000_000),
+    "30",
+)
 RETENTION_DAYS = Var(
     "GC_ASSIGNMENT_RETENTION_DAYS",
     "days an ended assignment is kept before it is deleted",
@@ -122,7 +128,8 @@ VARIABLES: tuple[Var[Any], ...] = (
     DATABASE_URL, HTTP_ADDR, GRPC_ADDR, GC_ID, REGION, AUTH_JWKS, SIGNING_KEY, SERVICE_TOKEN,
     STALE_AFTER_S, HEALTH_CHECK_INTERVAL_S, FAST_HEARTBEAT_MS, COMPREHENSIVE_HEARTBEAT_MS,
     LOAD_REPORT_MS, DB_POOL_SIZE, MC_RPC_TIMEOUT_S, MC_CONNECT_TIMEOUT_S, JOIN_TIMEOUT_S,
-    GUEST_TOKENS_PER_MINUTE, RETENTION_DAYS, INACTIVE_AFTER_S, CLEANUP_INTERVAL_S, LOG_LEVEL,
+    GUEST_TOKENS_PER_MINUTE, CREATES_PER_MINUTE, RETENTION_DAYS, INACTIVE_AFTER_S,
+    CLEANUP_INTERVAL_S, LOG_LEVEL,
 )  # fmt: skip
 
 
@@ -162,6 +169,7 @@ class GcConfig:
     mc_connect_timeout_s: float
     join_timeout_s: float
     guest_tokens_per_minute: int
+    creates_per_minute: int
     retention_days: float
     inactive_after_s: float
     cleanup_interval_s: float
@@ -190,6 +198,7 @@ class GcConfig:
             mc_connect_timeout_s=MC_CONNECT_TIMEOUT_S.read(environ),
             join_timeout_s=JOIN_TIMEOUT_S.read(environ),
             guest_tokens_per_minute=GUEST_TOKENS_PER_MINUTE.read(environ),
+            creates_per_minute=CREATES_PER_MINUTE.read(environ),
             retention_days=RETENTION_DAYS.read(environ),
             inactive_after_s=INACTIVE_AFTER_S.read(environ),
             cleanup_interval_s=CLEANUP_INTERVAL_S.read(environ),

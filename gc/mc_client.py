@@ -28,22 +28,38 @@ returns an :class:`AssignOutcome`, and the join flow decides (exclude the MC,
 try another). Library exceptions are translated in one place
 (:func:`_failure`):
 
-===========================================  ====================  ===============
-what happened                                ``status``            channel
-===========================================  ====================  ===============
-MC answered ``accepted``                     ``ok``                kept
-MC answered with a rejection                 ``rejected``          kept
-MC answered with gRPC status X               ``x`` (lowercase)     kept
-RPC deadline passed                          ``deadline_exceeded`` dropped
-connect refused/reset/timed out, TLS error,  ``unavailable``       dropped
+===========================================  ========================  ========
+what happened                                ``status``                channel
+===========================================  ========================  ========
+MC answered ``accepted``                     ``ok``                    kept
+MC answered with a rejection                 ``rejected``              kept
+MC answered with gRPC status X               ``x`` (lowercase)         kept
+RPC deadline passed                          ``deadline_exceeded``     dropped
+connect refused/reset/timed out, TLS error,  ``unavailable``           dropped
 connection lost, HTTP/2 protocol error,
 malformed endpoint
-anything else (e.g. an undecodable answer)   ``unknown``           dropped
-===========================================  ====================  ===============
+reply over :data:`MAX_REPLY_BYTES`           ``resource_exhausted``    dropped
+anything else (e.g. an undecodable answer)   ``unknown``               dropped
+===========================================  ========================  ========
 
 A deadline drops the channel too: from here a stalled MC and a black-holed
 connection look the same, and a dead connection that is never dropped would
 fail every later call to that MC.
+
+Reply size. grpclib's client has no receive limit (no
+``max_receive_message_length``; its ``Configuration`` only sets keep-alive and
+HTTP/2 window sizes): it reads whatever length the 5-byte gRPC prefix
+announces, up to 4 GiB, acknowledging the data as it buffers it, so flow
+control does not bound it either. An MC - broken, or compromised - could make
+every join that asks it hold that much. So the reply is read here
+(:func:`_recv_reply`, the client-side twin of
+:func:`darktower.shared.grpc_server.recv_request`): a length over
+:data:`MAX_REPLY_BYTES` is refused from the prefix, before any of the body is
+read, the stream is reset and the channel dropped (the MC may still be
+pushing the rest). What an MC can push before the prefix is looked at is
+bounded by the HTTP/2 stream window, set to its minimum (64 KiB). This reads
+grpclib's framing through private attributes of its client ``Stream``:
+pinned by the grpclib version range and covered by tests.
 
 The service token is sent as ``authorization: Bearer <token>`` on every call;
 it never appears in logs, outcomes or ``repr``.
@@ -52,11 +68,15 @@ it never appears in logs, outcomes or ``repr``.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit
 
 from grpclib.client import Channel
+from grpclib.client import Stream as ClientStream
+from grpclib.config import Configuration
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from darktower.protos import internal_grpc
@@ -64,7 +84,7 @@ from darktower.protos import internal_pb2 as pb
 from darktower.shared.config import Secret
 from darktower.shared.logging import get_logger
 
-__all__ = ["CONNECT_TIMEOUT_S", "RPC_TIMEOUT_S", "AssignOutcome", "McClient"]
+__all__ = ["CONNECT_TIMEOUT_S", "MAX_REPLY_BYTES", "RPC_TIMEOUT_S", "AssignOutcome", "McClient"]
 
 log = get_logger(__name__)
 
@@ -72,6 +92,15 @@ log = get_logger(__name__)
 RPC_TIMEOUT_S = 10.0
 #: SPEC §6.3: how long establishing the connection to an MC may take.
 CONNECT_TIMEOUT_S = 5.0
+#: Largest ``AssignMeetingWithMhResponse`` accepted (encoded, without the
+#: 5-byte gRPC prefix). The real one is a few bytes.
+MAX_REPLY_BYTES: Final = 64 * 1024
+
+#: The smallest HTTP/2 stream window (RFC 9113: 2^16 - 1): what an MC can
+#: push on one call before the client has read anything. A legitimate reply
+#: is far smaller; a reply up to :data:`MAX_REPLY_BYTES` still arrives, the
+#: window being reopened as it is read.
+_CHANNEL_CONFIG: Final = Configuration(http2_stream_window_size=2**16 - 1)
 
 _REASONS: dict[int, str] = {
     pb.REJECTION_REASON_UNSPECIFIED: "unspecified",
@@ -102,10 +131,19 @@ _ACCEPTED = AssignOutcome(accepted=True, reason="", status="ok")
 _UNAVAILABLE = AssignOutcome(accepted=False, reason="", status="unavailable")
 _DEADLINE_EXCEEDED = AssignOutcome(accepted=False, reason="", status="deadline_exceeded")
 _UNKNOWN = AssignOutcome(accepted=False, reason="", status="unknown")
+_REPLY_TOO_LARGE = AssignOutcome(accepted=False, reason="", status="resource_exhausted")
 
 
 class _InvalidEndpoint(ValueError):
     pass
+
+
+class _ReplyTooLarge(Exception):
+    """The MC announced a reply over :data:`MAX_REPLY_BYTES`."""
+
+
+class _MalformedReply(Exception):
+    """The MC's reply is not one well-framed, uncompressed message."""
 
 
 def _host_port(endpoint: str) -> tuple[str, int, bool]:
@@ -140,6 +178,8 @@ def _failure(exc: Exception, *, connecting: bool) -> AssignOutcome:
     exception raised while connecting to or calling an MC."""
     if isinstance(exc, GRPCError):
         return AssignOutcome(accepted=False, reason="", status=exc.status.name.lower())
+    if isinstance(exc, _ReplyTooLarge):
+        return _REPLY_TOO_LARGE
     if isinstance(exc, TimeoutError):
         return _UNAVAILABLE if connecting else _DEADLINE_EXCEEDED
     if isinstance(exc, OSError | StreamTerminatedError | ProtocolError | _InvalidEndpoint):
@@ -226,10 +266,16 @@ class McClient:
             if remaining <= 0:
                 raise TimeoutError
             metadata = {"authorization": f"Bearer {self._token.reveal()}"}
-            async with asyncio.timeout(remaining):
-                reply = await entry.stub.AssignMeetingWithMh(
-                    request, timeout=remaining, metadata=metadata
-                )
+            async with (
+                asyncio.timeout(remaining),
+                entry.stub.AssignMeetingWithMh.open(timeout=remaining, metadata=metadata) as stream,
+            ):
+                await stream.send_message(request, end=True)
+                reply = await _recv_reply(stream)
+            # Leaving the block read the trailers: a non-OK status has been
+            # raised by now, so a missing message here is the MC's error.
+            if reply is None:
+                raise _MalformedReply
         except GRPCError as exc:
             return _failure(exc, connecting=False), False
         except Exception as exc:  # translated, never raised: see the module docstring
@@ -246,7 +292,8 @@ class McClient:
                 return entry
             self._retire(controller_id, entry)
         host, port, tls = _host_port(endpoint)
-        entry = _Entry(endpoint, Channel(host, port, ssl=True if tls else None))
+        channel = Channel(host, port, ssl=True if tls else None, config=_CHANNEL_CONFIG)
+        entry = _Entry(endpoint, channel)
         self._entries[controller_id] = entry
         return entry
 
@@ -284,3 +331,37 @@ class McClient:
     def _close_entry(self, entry: _Entry) -> None:
         self._retired.discard(entry)
         entry.channel.close()
+
+
+_Reply = pb.AssignMeetingWithMhResponse
+
+
+async def _recv_reply(stream: ClientStream[pb.AssignMeetingWithMhRequest, _Reply]) -> _Reply | None:
+    """The reply message of a unary call, refused from its 5-byte prefix when
+    over :data:`MAX_REPLY_BYTES`; ``None`` when the MC sent none (its status,
+    read when the call's block is left, says why).
+
+    Replaces ``stream.recv_message()``, which buffers any announced length.
+    Like grpclib's own reads, it runs inside the stream's wrapper, so a lost
+    connection or grpclib's deadline wakes it.
+    """
+    await stream.recv_initial_metadata()  # a trailers-only error raises here
+    h2_stream = stream._stream
+    with stream._wrapper:
+        try:
+            prefix = await h2_stream.recv_data(5)
+        except AssertionError:  # grpclib's way of saying the stream ended early
+            raise _MalformedReply from None
+        if not prefix:
+            return None
+        compressed, length = struct.unpack(">?I", prefix)
+        if compressed:  # we never offer compression
+            raise _MalformedReply
+        if length > MAX_REPLY_BYTES:
+            raise _ReplyTooLarge
+        try:
+            body = await h2_stream.recv_data(length)
+        except AssertionError:
+            raise _MalformedReply from None
+    # An undecodable body raises protobuf's DecodeError: ``unknown``.
+    return _Reply.FromString(body)

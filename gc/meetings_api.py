@@ -11,11 +11,26 @@ explicit map to the stable codes of SPEC §6.5, and every request runs under a
 deadline. What a client is told is fixed text or a field name with its rule:
 never a value it sent, never a stack trace, never another org's data (the join
 service reports another org's meeting exactly like a missing one).
+
+Limits. Guest joins are limited per client address, meeting creation per user
+(token ``org_id`` and ``sub``): a request takes a token from its bucket before
+its body is read - a guest join before anything else, a create as soon as it
+is authenticated (its key needs the token) - so a malformed request costs one
+too; without one it is refused with 429 ``RATE_LIMITED`` and ``Retry-After``
+(:mod:`darktower.gc.rate_limit`; the buckets are per GC process).
+
+Input. Request bodies must be declared ``application/json`` (``charset``, if
+given, ``utf-8``); SPEC §6.5 has no code for 415, so a wrong or missing
+``Content-Type`` is 400 ``INVALID_REQUEST``. A user token's ``sub`` must be an
+id (1-255 characters of letters, digits and ``._@:|+-``) and must not start
+with ``guest-``, the prefix of the ``sub`` of guests' meeting tokens: a user
+cannot pass as a guest towards an MC.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 import unicodedata
@@ -42,7 +57,7 @@ from darktower.gc.openapi import (
     MAX_PARTICIPANTS_RANGE,
     OPENAPI_DOCUMENT,
 )
-from darktower.gc.rate_limit import RateLimiter, client_key
+from darktower.gc.rate_limit import RateDecision, RateLimiter, client_key, user_key
 from darktower.gc.repositories.meetings import MeetingRow, is_meeting_code
 from darktower.shared.db import DatabaseUnavailable
 from darktower.shared.keys import jwks_document, key_id
@@ -80,10 +95,20 @@ log = get_logger(__name__)
 
 #: The created_by column (and any sane user id) is at most this long.
 MAX_USER_ID_CHARS: Final = 255
+#: The ``sub`` of every guest's meeting token starts with this; no user's may.
+GUEST_SUB_PREFIX: Final = "guest-"
 
-#: Control characters, lone surrogates (JSON's \\ud800 escapes; they cannot
-#: be stored or encoded) and line/paragraph separators.
-_FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
+#: A user id (token ``sub``): printable ASCII of the kinds identity providers
+#: use (``auth0|5f1c``, ``ada@example.com``, UUIDs), nothing that could be
+#: invisible, confusable or mean something to a log or a shell.
+_USER_ID_RE: Final = re.compile(rf"[A-Za-z0-9._@:|+-]{{1,{MAX_USER_ID_CHARS}}}")
+#: Characters refused in names shown to people: control (Cc), format (Cf:
+#: bidi overrides, zero-width characters), private use (Co), unassigned (Cn,
+#: noncharacters included), lone surrogates (Cs: JSON's \\ud800 escapes; they
+#: cannot be stored or encoded) and line/paragraph separators (Zl, Zp).
+_FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"})
+#: The one media type a request body may be declared as.
+_JSON_MEDIA_TYPE: Final = "application/json"
 _CREATE_FIELDS: Final = frozenset({"display_name", "allow_guests", "max_participants"})
 _GUEST_FIELDS: Final = frozenset({"display_name"})
 _NO_STORE: Final = {"Cache-Control": "no-store"}
@@ -122,7 +147,8 @@ class MeetingsApiDeps:
     derived from it (RFC 7638), so the published JWKS and the tokens cannot
     disagree. ``request_timeout_s`` bounds each request from its first byte
     of handling to its response (the join flow alone may take three MC
-    attempts of up to 10 s).
+    attempts of up to 10 s). ``guest_limiter`` is keyed by client address
+    (:func:`client_key`), ``create_limiter`` by user (:func:`user_key`).
     """
 
     validator: TokenValidator
@@ -130,6 +156,7 @@ class MeetingsApiDeps:
     join: JoinMeeting
     signing_key: Ed25519PrivateKey
     guest_limiter: RateLimiter
+    create_limiter: RateLimiter
     request_timeout_s: float
 
 
@@ -196,6 +223,11 @@ class _MeetingsApi:
         claims = await self._authenticate(request, SCOPE_MEETING_CREATE)
         org_id = _org_id(claims)
         created_by = _user_id(claims)
+        # Limit before the body: malformed requests cost tokens too.
+        decision = self._deps.create_limiter.acquire_nowait(user_key(org_id, created_by))
+        if not decision.allowed:
+            raise _Refused(_rate_limited("too many meetings created; retry later", decision))
+        _require_json(request)
         body = _json_object(await _read_body(request), allowed=_CREATE_FIELDS)
         display_name = _display_name(body.get("display_name"), "display_name", DISPLAY_NAME_CHARS)
         allow_guests = _boolean(body.get("allow_guests", False), "allow_guests")
@@ -228,12 +260,13 @@ class _MeetingsApi:
     async def _join_user(self, request: Request) -> _Outcome:
         claims = await self._authenticate(request, SCOPE_MEETING_JOIN)
         org_id = _org_id(claims)
+        participant_id = _user_id(claims)
         code = _meeting_code(request)
         result = await self._deps.join(code, org_id)
         token = mint_meeting_token(
             self._deps.signing_key,
             kid=self._kid,
-            participant_id=claims.sub,
+            participant_id=participant_id,
             meeting_id=str(result.meeting.meeting_id),
         )
         return _Outcome(_join_response(result, token), _join_result(result))
@@ -245,21 +278,16 @@ class _MeetingsApi:
             client_key(request.client.host if request.client else None)
         )
         if not decision.allowed:
-            response = error_response(
-                429,
-                "RATE_LIMITED",
-                "too many requests from this address",
-                headers={"Retry-After": decision.retry_after_header},
-            )
-            raise _Refused(_Outcome(response, "rate_limited"))
+            raise _Refused(_rate_limited("too many requests from this address", decision))
         code = _meeting_code(request)
+        _require_json(request)
         body = _json_object(await _read_body(request), allowed=_GUEST_FIELDS)
         display_name = _display_name(body.get("display_name"), "display_name", GUEST_NAME_CHARS)
         result = await self._deps.join(code, None)
         token = mint_token(
             self._deps.signing_key,
             kid=self._kid,
-            sub=f"guest-{secrets.token_hex(16)}",
+            sub=f"{GUEST_SUB_PREFIX}{secrets.token_hex(16)}",
             audience=AUD_MC,
             scopes=[SCOPE_MEETING_PARTICIPANT],
             ttl_s=MEETING_TOKEN_TTL_S,
@@ -330,6 +358,13 @@ class _MeetingsApi:
         return _Outcome(_unavailable("request timed out", 1), "timeout")
 
 
+def _rate_limited(message: str, decision: RateDecision) -> _Outcome:
+    response = error_response(
+        429, "RATE_LIMITED", message, headers={"Retry-After": decision.retry_after_header}
+    )
+    return _Outcome(response, "rate_limited")
+
+
 def _unavailable(message: str, retry_after_s: int) -> JSONResponse:
     return error_response(
         503,
@@ -389,11 +424,15 @@ def _org_id(claims: Claims) -> uuid.UUID:
 
 
 def _user_id(claims: Claims) -> str:
-    """``sub`` as ``created_by``: it must fit the column and hold no control
-    characters (PostgreSQL text cannot even store NUL)."""
+    """``sub`` as ``created_by`` and as the participant id of the meeting
+    token: an id of :data:`_USER_ID_RE` (it fits the column, and PostgreSQL
+    text cannot even store NUL), never in the guests' namespace (in any case:
+    an MC, or a person reading ids, need not compare case-sensitively)."""
     sub = claims.sub
-    if len(sub) > MAX_USER_ID_CHARS or _has_forbidden_characters(sub):
+    if not _USER_ID_RE.fullmatch(sub):
         raise PermissionDenied("unusable sub")
+    if sub[: len(GUEST_SUB_PREFIX)].lower() == GUEST_SUB_PREFIX:
+        raise PermissionDenied("reserved sub")
     return sub
 
 
@@ -406,6 +445,28 @@ def _meeting_code(request: Request) -> str:
     if not is_meeting_code(code):
         raise InvalidArgument("code", "must be 3-32 characters of letters, digits and '-'")
     return code
+
+
+def _require_json(request: Request) -> None:
+    """The body is declared ``application/json`` (any case), with no
+    parameter but ``charset=utf-8`` (JSON is UTF-8, RFC 8259, and is decoded
+    as nothing else), in exactly one ``Content-Type`` header."""
+    rule = "must be application/json (charset, if given, utf-8)"
+    declared = request.headers.getlist("content-type")
+    if len(declared) != 1:
+        raise InvalidArgument("Content-Type", rule)
+    media_type, *parameters = declared[0].split(";")
+    if media_type.strip().lower() != _JSON_MEDIA_TYPE:
+        raise InvalidArgument("Content-Type", rule)
+    for parameter in parameters:
+        if not parameter.strip():
+            continue  # "application/json;": an empty parameter (RFC 9110 allows it)
+        name, _, value = parameter.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if name.strip().lower() != "charset" or value.lower() != "utf-8":
+            raise InvalidArgument("Content-Type", rule)
 
 
 async def _read_body(request: Request) -> bytes:
@@ -470,15 +531,38 @@ def _json_object(body: bytes, *, allowed: frozenset[str]) -> dict[str, object]:
     return value
 
 
+#: Zero-width non-joiner and joiner: format characters that real names need
+#: (Persian and Indic spellings, emoji sequences such as a technologist).
+_JOINERS: Final = frozenset({"\u200c", "\u200d"})
+
+
 def _has_forbidden_characters(text: str) -> bool:
-    return any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in text)
+    """Any character of :data:`_FORBIDDEN_CATEGORIES`, except a joiner
+    between two visible characters (never at an end, never doubled, so it
+    cannot pad or disguise a name)."""
+    for i, c in enumerate(text):
+        if unicodedata.category(c) not in _FORBIDDEN_CATEGORIES:
+            continue
+        if c not in _JOINERS or i == 0 or i == len(text) - 1:
+            return True
+        before, after = text[i - 1], text[i + 1]
+        if any(
+            n in _JOINERS or n.isspace() or unicodedata.category(n) in _FORBIDDEN_CATEGORIES
+            for n in (before, after)
+        ):
+            return True
+    return False
 
 
 def _display_name(value: object, field: str, length: tuple[int, int]) -> str:
-    """A name shown to people: leading and trailing whitespace removed, then
-    ``length`` characters, none of them control characters."""
+    """A name shown to people: leading and trailing whitespace removed (so a
+    name of whitespace alone is empty), then ``length`` characters, none of
+    them in :data:`_FORBIDDEN_CATEGORIES`."""
     low, high = length
-    rule = f"must be a string of {low}-{high} characters without control characters"
+    rule = (
+        f"must be a string of {low}-{high} characters, not only whitespace, without"
+        " control, format, private-use or unassigned characters"
+    )
     if not isinstance(value, str):
         raise InvalidArgument(field, rule)
     name = value.strip()

@@ -44,6 +44,28 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _json_body(schema_name: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "description": _BODY_RULES,
+        "content": {"application/json": {"schema": _ref("schemas", schema_name)}},
+    }
+
+
+_BODY_RULES: Final = (
+    f"A JSON object of at most {MAX_BODY_BYTES} bytes, sent with `Content-Type: "
+    "application/json` (a `charset` parameter, if any, must be `utf-8`); any other "
+    "or no `Content-Type` is 400 INVALID_REQUEST. Unknown and repeated fields are refused."
+)
+
+_NAME_RULES: Final = (
+    "Leading and trailing whitespace is removed before the length is checked (a name "
+    "of whitespace alone is refused); control, format (e.g. bidirectional overrides, "
+    "zero-width characters), private-use, unassigned and surrogate code points and "
+    "line/paragraph separators are refused."
+)
+
+
 _ERROR_CODES: Final = [
     "UNAUTHORIZED",
     "FORBIDDEN",
@@ -86,13 +108,12 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
             "post": {
                 "operationId": "createMeeting",
                 "summary": "Create a meeting in the caller's organisation",
+                "description": (
+                    "Rate-limited per user (the token's `org_id` and `sub`), per GC "
+                    "process: a burst, then `GC_CREATES_PER_MINUTE` a minute."
+                ),
                 "security": [{"userToken": ["meeting.create"]}],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": _ref("schemas", "CreateMeetingRequest")}
-                    },
-                },
+                "requestBody": _json_body("CreateMeetingRequest"),
                 "responses": {
                     "201": {
                         **_json(_ref("schemas", "Meeting"), "The meeting was created."),
@@ -106,6 +127,7 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
                     "400": _ref("responses", "InvalidRequest"),
                     "401": _ref("responses", "Unauthorized"),
                     "403": _ref("responses", "Forbidden"),
+                    "429": _ref("responses", "RateLimited"),
                     "500": _ref("responses", "Internal"),
                     "503": _ref("responses", "ServiceUnavailable"),
                 },
@@ -136,15 +158,10 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
             "post": {
                 "operationId": "joinMeetingAsGuest",
                 "summary": "Join a meeting that admits guests, without an account",
-                "description": "Rate-limited per client address.",
+                "description": "Rate-limited per client address, per GC process.",
                 "security": [],
                 "parameters": [_CODE_PARAMETER],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": _ref("schemas", "GuestTokenRequest")}
-                    },
-                },
+                "requestBody": _json_body("GuestTokenRequest"),
                 "responses": {
                     "200": _ref("responses", "Joined"),
                     "400": _ref("responses", "InvalidRequest"),
@@ -213,8 +230,11 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
                 "scheme": "bearer",
                 "bearerFormat": "JWT",
                 "description": (
-                    "A user token: EdDSA JWT with aud `gc`, `sub` the user id, `org_id` a "
-                    "UUID, and the scope named by each operation."
+                    "A user token: EdDSA JWT with aud `gc`, `sub` the user id (1-255 "
+                    "characters of letters, digits and `._@:|+-`, not starting with "
+                    "`guest-` in any case: that prefix is the guests'), `org_id` a UUID, "
+                    "and the scope named by each operation. A token breaking these rules "
+                    "is 403 FORBIDDEN."
                 ),
             }
         },
@@ -228,10 +248,7 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
                         "type": "string",
                         "minLength": DISPLAY_NAME_CHARS[0],
                         "maxLength": DISPLAY_NAME_CHARS[1],
-                        "description": (
-                            "Leading and trailing whitespace is removed before the length is "
-                            "checked; control characters are refused."
-                        ),
+                        "description": _NAME_RULES,
                     },
                     "allow_guests": {"type": "boolean", "default": False},
                     "max_participants": {
@@ -241,7 +258,7 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
                         "default": DEFAULT_MAX_PARTICIPANTS,
                     },
                 },
-                "description": f"At most {MAX_BODY_BYTES} bytes; unknown fields are refused.",
+                "description": _BODY_RULES,
             },
             "Meeting": {
                 "type": "object",
@@ -270,14 +287,11 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
                         "type": "string",
                         "minLength": GUEST_NAME_CHARS[0],
                         "maxLength": GUEST_NAME_CHARS[1],
-                        "description": (
-                            "The guest's name, carried in the meeting token. Leading and "
-                            "trailing whitespace is removed before the length is checked; "
-                            "control characters are refused."
-                        ),
+                        "description": "The guest's name, carried in the meeting token. "
+                        + _NAME_RULES,
                     }
                 },
-                "description": f"At most {MAX_BODY_BYTES} bytes; unknown fields are refused.",
+                "description": _BODY_RULES,
             },
             "JoinResponse": {
                 "type": "object",
@@ -410,14 +424,18 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
             },
             "Forbidden": _json(
                 _ref("schemas", "Error"),
-                "FORBIDDEN: the token does not grant this call (audience, scope, org_id), "
-                "or the meeting does not admit guests.",
+                "FORBIDDEN: the token does not grant this call (audience, scope, org_id, "
+                "an unusable or reserved sub), or the meeting does not admit guests.",
             ),
             "NotFound": _json(
                 _ref("schemas", "Error"), "NOT_FOUND: no such meeting visible to the caller."
             ),
             "RateLimited": {
-                **_json(_ref("schemas", "Error"), "RATE_LIMITED: too many requests."),
+                **_json(
+                    _ref("schemas", "Error"),
+                    "RATE_LIMITED: too many requests from this client (guest joins: its "
+                    "address; creates: its user); retry after `Retry-After`.",
+                ),
                 "headers": {"Retry-After": _ref("headers", "RetryAfter")},
             },
             "ServiceUnavailable": {

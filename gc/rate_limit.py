@@ -1,10 +1,25 @@
-"""Per-client token buckets for the unauthenticated guest join (SPEC §6.5).
+"""Token buckets (GCRA) for the GC's HTTP API (SPEC §6.5), by key.
 
-A guest join costs the GC a database lookup, possibly an MC assignment and an
-Ed25519 signature, and needs no credentials: without a limit, anyone could
-enumerate meeting codes or load the fleet for free. Each client address gets
-a bucket of ``burst`` tokens refilled at one token per ``refill_interval_s``;
-a request takes one token or is refused with the time until the next one.
+Two limits use them (:mod:`darktower.gc.meetings_api`):
+
+* the unauthenticated guest join, per client address (:func:`client_key`): it
+  costs the GC a database lookup, possibly an MC assignment and an Ed25519
+  signature, and needs no credentials - without a limit, anyone could
+  enumerate meeting codes or load the fleet for free;
+* meeting creation, per user (:func:`user_key`: the token's org and ``sub``):
+  every meeting is a row kept for good and can be joined into an MC
+  assignment, so one user (or one leaked token) must not create them as fast
+  as the GC can write.
+
+Each key gets a bucket of ``burst`` tokens refilled at one token per
+``refill_interval_s``; a request takes one token or is refused with the time
+until the next one.
+
+Per process. The buckets live in the memory of one GC process: behind a load
+balancer spreading requests over N GCs, a client gets up to N times the
+configured rate (and a restart refills every bucket). That bounds what one
+client costs each GC, which is the point; a fleet-wide quota would need shared
+state (PostgreSQL or Redis) on every request.
 
 Time is trio's clock (:func:`trio.current_time`), so tests drive the limiter
 with ``MockClock`` and production with the monotonic clock; nothing here does
@@ -13,23 +28,25 @@ the least recently used one is dropped first - forgetting a bucket only ever
 errs towards admitting its client (it restarts full), and the least recently
 used bucket is the one most likely to have refilled anyway.
 
-The key is the peer address of the connection (the ASGI scope's ``client``),
-never ``X-Forwarded-For``: that header is whatever the client wants it to be.
-IPv6 clients are grouped by /64, the block one subscriber usually holds, so
-rotating through addresses of one's own network buys no extra requests.
+The client address is the peer address of the connection (the ASGI scope's
+``client``), never ``X-Forwarded-For``: that header is whatever the client
+wants it to be. IPv6 clients are grouped by /64, the block one subscriber
+usually holds, so rotating through addresses of one's own network buys no
+extra requests.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-__all__ = ["RateDecision", "RateLimiter", "client_key"]
+__all__ = ["RateDecision", "RateLimiter", "client_key", "user_key"]
 
 #: Key for connections without a peer address (e.g. a Unix socket): they all
 #: share one bucket, which errs towards limiting.
@@ -127,3 +144,10 @@ def client_key(host: str | None) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
+
+
+def user_key(org_id: uuid.UUID, sub: str) -> str:
+    """The rate-limit key for a user: their org and ``sub``. The org's
+    canonical text has a fixed length (36), so no two users share a key
+    whatever their ``sub``; a user of two orgs has a bucket in each."""
+    return f"{org_id}/{sub}"

@@ -29,7 +29,13 @@ arriving afterwards):
 * :data:`DISCONNECT` / :class:`Disconnect` - drops the TCP connection
   mid-call (a transport failure at the client);
 * :class:`Script` ``(*steps)`` - call *n* gets step *n*; the last step
-  repeats once the script is used up.
+  repeats once the script is used up;
+* :class:`Oversize` ``(size)`` - ``accepted = true``, encoded in exactly
+  ``size`` bytes (padded with an unknown field, which every protobuf parser
+  skips): a well-formed reply that is merely large;
+* :class:`HugePrefix` ``(length)`` - announces a reply of ``length`` bytes in
+  the gRPC prefix, sends a few bytes of it, then stalls: only a client that
+  judges the prefix ends the call before its deadline.
 
 Also here: endpoints that misbehave below gRPC (:func:`refused_endpoint`,
 :func:`silent_endpoint`, :func:`unanswered_endpoint`).
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -63,10 +70,13 @@ __all__ = [
     "Disconnect",
     "Fail",
     "FakeMc",
+    "HugePrefix",
+    "Oversize",
     "Reject",
     "Script",
     "Stall",
     "fake_mc",
+    "oversize_reply",
     "refused_endpoint",
     "silent_endpoint",
     "unanswered_endpoint",
@@ -126,7 +136,42 @@ class Script:
         return step
 
 
-Behaviour = Accept | Reject | Stall | Fail | Delay | Disconnect | Script
+@dataclass(frozen=True, slots=True)
+class Oversize:
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class HugePrefix:
+    length: int = 2**32 - 1
+
+
+Behaviour = Accept | Reject | Stall | Fail | Delay | Disconnect | Script | Oversize | HugePrefix
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def oversize_reply(size: int) -> pb.AssignMeetingWithMhResponse:
+    """``accepted = true``, padded with unknown field 1000 (bytes) so that it
+    encodes to exactly ``size`` bytes."""
+    reply = pb.AssignMeetingWithMhResponse(accepted=True)
+    base = len(reply.SerializeToString())
+    tag = _varint((1000 << 3) | 2)  # field 1000, wire type "length-delimited"
+    for payload in range(size - base - len(tag), 0, -1):
+        if base + len(tag) + len(_varint(payload)) + payload == size:
+            reply.MergeFromString(tag + _varint(payload) + b"x" * payload)
+            assert len(reply.SerializeToString()) == size
+            return reply
+    raise ValueError(f"cannot pad a reply to {size} bytes")
+
 
 ACCEPT = Accept()
 STALL = Stall()
@@ -288,6 +333,14 @@ class FakeMc:
                 # The client sees its connection lost mid-call; grpclib then
                 # cancels this handler.
                 stream._stream.connection.close()
+                await asyncio.Event().wait()
+            case Oversize(size=size):
+                await stream.send_message(oversize_reply(size))
+            case HugePrefix(length=length):
+                # Below grpclib's framing: a prefix that promises ``length``
+                # bytes, a token of them, and nothing more.
+                await stream.send_initial_metadata()
+                await stream._stream.send_data(struct.pack(">?I", False, length) + b"\x08\x01")
                 await asyncio.Event().wait()
 
 

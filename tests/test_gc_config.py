@@ -24,6 +24,7 @@ def test_join_and_cleanup_defaults(dev_keys: DevKeys) -> None:
     assert (config.mc_rpc_timeout_s, config.mc_connect_timeout_s) == (10, 5)
     assert config.join_timeout_s == 40
     assert config.guest_tokens_per_minute == 10
+    assert config.creates_per_minute == 30
     assert (config.retention_days, config.inactive_after_s) == (7, 3600)
     assert config.cleanup_interval_s == 60
 
@@ -37,6 +38,11 @@ def test_join_and_cleanup_defaults(dev_keys: DevKeys) -> None:
         ("GC_JOIN_TIMEOUT_S", "0.5"),
         ("GC_GUEST_TOKENS_PER_MINUTE", "0"),
         ("GC_GUEST_TOKENS_PER_MINUTE", "1.5"),
+        ("GC_CREATES_PER_MINUTE", "0"),
+        ("GC_CREATES_PER_MINUTE", "-5"),
+        ("GC_CREATES_PER_MINUTE", "1.5"),
+        ("GC_CREATES_PER_MINUTE", "1000001"),
+        ("GC_CREATES_PER_MINUTE", "many"),
         ("GC_ASSIGNMENT_RETENTION_DAYS", "0"),
         ("GC_INACTIVE_MEETING_S", "nan"),
         ("GC_CLEANUP_INTERVAL_S", "abc"),
@@ -74,3 +80,15 @@ def test_a_token_for_another_gc_is_refused_at_start(dev_keys: DevKeys) -> None:
     environ = gc_environ(dev_keys, DSN, GC_ID="gc-1", GC_SERVICE_TOKEN=dev_keys.gc_token("gc-2"))
     with pytest.raises(ConfigError, match="GC_SERVICE_TOKEN is not for this GC"):
         GcConfig.from_env(environ)
+
+
+@pytest.mark.parametrize("value", ["1", "30", "1000000", " 45 "])
+def test_creates_per_minute_is_taken(dev_keys: DevKeys, value: str) -> None:
+    config = GcConfig.from_env(gc_environ(dev_keys, DSN, GC_CREATES_PER_MINUTE=value))
+    assert config.creates_per_minute == int(value)
+
+
+def test_a_bad_creates_per_minute_says_what_it_must_be(dev_keys: DevKeys) -> None:
+    with pytest.raises(ConfigError) as info:
+        GcConfig.from_env(gc_environ(dev_keys, DSN, GC_CREATES_PER_MINUTE="0"))
+    assert str(info.value) == "GC_CREATES_PER_MINUTE is invalid '0': must be between 1 and 1000000"

@@ -14,9 +14,12 @@ guard; mock-clock tests rely on the harness's wall-clock limit.
 from __future__ import annotations
 
 import logging
+import random
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 import pytest
 import trio
 import trio.testing
@@ -28,6 +31,8 @@ from mc_fakes import (
     Delay,
     Fail,
     FakeMc,
+    HugePrefix,
+    Oversize,
     Reject,
     Script,
     fake_mc,
@@ -36,7 +41,16 @@ from mc_fakes import (
     unanswered_endpoint,
 )
 
-from darktower.gc.mc_client import AssignOutcome, McClient
+from darktower.gc.join_flow import JoinService
+from darktower.gc.mc_client import MAX_REPLY_BYTES, AssignOutcome, McClient
+from darktower.gc.metrics import MC_RPCS
+from darktower.gc.registry_requests import (
+    McHeartbeat,
+    McRegistration,
+    MhLoadReport,
+    MhRegistration,
+)
+from darktower.gc.repositories import media_handlers, meeting_controllers, meetings
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.config import Secret
 from darktower.shared.seam import run_aio
@@ -406,3 +420,128 @@ async def test_fake_mc_is_what_it_claims(aio_loop: None) -> None:
     assert statuses == ["rejected", "ok", "ok"]
     assert script.used == 3
     assert isinstance(mc, FakeMc)
+
+
+# --- reply size ------------------------------------------------------------------------------
+
+_REPLY_TOO_LARGE = AssignOutcome(accepted=False, reason="", status="resource_exhausted")
+
+
+async def test_a_reply_of_the_maximum_size_is_accepted(client: McClient) -> None:
+    """64 KiB is more than the (minimum) HTTP/2 stream window the client
+    opens: the window is reopened as the reply is read."""
+    with trio.fail_after(GUARD_S):
+        async with fake_mc(Oversize(MAX_REPLY_BYTES)) as mc:
+            assert (await assign(client, mc.endpoint)).accepted
+            assert client.channel_count() == 1
+
+
+async def test_an_oversize_reply_is_a_failure_and_drops_the_channel(client: McClient) -> None:
+    with trio.fail_after(GUARD_S):
+        async with fake_mc(Script(Oversize(MAX_REPLY_BYTES + 1), ACCEPT)) as mc:
+            assert await assign(client, mc.endpoint) == _REPLY_TOO_LARGE
+            assert client.channel_count() == 0
+            await mc.wait_for_open_connections(0)
+            # The next call starts afresh.
+            assert (await assign(client, mc.endpoint)).accepted
+    assert mc.connections == 2
+
+
+async def test_a_huge_announced_reply_is_refused_from_its_prefix(
+    client: McClient, mock_clock: trio.testing.MockClock
+) -> None:
+    """The MC announces 4 GiB and sends a few bytes: the call ends at once,
+    without reading (or waiting for) the body - no timer has to fire."""
+    async with fake_mc(HugePrefix()) as mc:
+        start = trio.current_time()
+        assert await assign(client, mc.endpoint) == _REPLY_TOO_LARGE
+        assert trio.current_time() == start
+        assert client.channel_count() == 0
+        await mc.wait_for_open_connections(0)
+
+
+class _FirstChoice(random.Random):
+    """Always draws the first (least loaded) candidate."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+async def _healthy_mc(pool: asyncpg.Pool, controller_id: str, endpoint: str, load: int) -> None:
+    registration = McRegistration(
+        controller_id=controller_id,
+        region="local",
+        grpc_endpoint=endpoint,
+        webtransport_endpoint=f"https://{controller_id}.example:4433",
+        max_meetings=100,
+        max_participants=10_000,
+    )
+    heartbeat = McHeartbeat(
+        controller_id=controller_id,
+        current_meetings=load,
+        current_participants=0,
+        health="healthy",
+        cpu_usage_percent=None,
+        memory_usage_percent=None,
+    )
+    await run_aio(meeting_controllers.register, pool, registration)
+    await run_aio(meeting_controllers.heartbeat_batch, pool, [heartbeat])
+
+
+async def _healthy_mh(pool: asyncpg.Pool, handler_id: str) -> None:
+    registration = MhRegistration(
+        handler_id=handler_id,
+        region="local",
+        zone="zone-a",
+        webtransport_endpoint=f"https://{handler_id}.example:4434",
+        grpc_endpoint=f"http://{handler_id}.example:50060",
+        max_streams=100,
+    )
+    report = MhLoadReport(
+        handler_id=handler_id,
+        current_streams=0,
+        health="healthy",
+        cpu_usage_percent=0.0,
+        memory_usage_percent=0.0,
+        bandwidth_usage_percent=0.0,
+    )
+    await run_aio(media_handlers.register, pool, registration)
+    await run_aio(media_handlers.load_report, pool, report)
+
+
+async def test_a_join_excludes_an_mc_with_an_oversize_reply(
+    db_pool: asyncpg.Pool, client: McClient
+) -> None:
+    """The join flow's view: an oversize reply is an MC failure like any
+    other - that MC is excluded and the next one asked."""
+    org = uuid.UUID("11111111-1111-4111-8111-111111111111")
+    service = JoinService(
+        db_pool,
+        client,
+        gc_id="gc-test",
+        region="local",
+        stale_after_s=30,
+        lease_ttl_s=35,
+        rng=_FirstChoice(),
+    )
+    with trio.fail_after(GUARD_S):
+        async with fake_mc(Oversize(MAX_REPLY_BYTES + 1)) as bad, fake_mc(ACCEPT) as good:
+            await _healthy_mc(db_pool, "mc-bad", bad.endpoint, load=0)  # asked first
+            await _healthy_mc(db_pool, "mc-good", good.endpoint, load=10)
+            await _healthy_mh(db_pool, "mh-a")
+            meeting = await run_aio(
+                meetings.create,
+                db_pool,
+                org_id=org,
+                created_by="user-1",
+                display_name="Standup",
+                allow_guests=False,
+                max_participants=100,
+            )
+            refused = MC_RPCS.labels("resource_exhausted", "")._value.get()
+
+            result = await run_aio(service.join, meeting.meeting_code, org)
+
+    assert result.assignment.controller_id == "mc-good"
+    assert (len(bad.requests), len(good.requests)) == (1, 1)
+    assert MC_RPCS.labels("resource_exhausted", "")._value.get() == refused + 1

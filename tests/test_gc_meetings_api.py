@@ -20,12 +20,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import pytest
 import trio
 import trio.testing
-from gc_harness import DevKeys
+from gc_harness import DevKeys, gc_environ, running_gc
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -172,9 +173,23 @@ def limiter() -> RateLimiter:
     return RateLimiter(burst=5, refill_interval_s=6.0)
 
 
+#: The create limit of the tests' app: the GC's default rate (30 a minute).
+CREATE_BURST = 10
+CREATE_INTERVAL_S = 2.0
+
+
+@pytest.fixture
+def create_limiter() -> RateLimiter:
+    return RateLimiter(burst=CREATE_BURST, refill_interval_s=CREATE_INTERVAL_S)
+
+
 @pytest.fixture
 def app(
-    ac_keys: DevKeys, gc_key: keys.Ed25519PrivateKey, service: FakeMeetings, limiter: RateLimiter
+    ac_keys: DevKeys,
+    gc_key: keys.Ed25519PrivateKey,
+    service: FakeMeetings,
+    limiter: RateLimiter,
+    create_limiter: RateLimiter,
 ) -> Starlette:
     deps = MeetingsApiDeps(
         validator=tokens.TokenValidator(KeyStore([str(ac_keys.jwks_path)])),
@@ -182,6 +197,7 @@ def app(
         join=service.join,
         signing_key=gc_key,
         guest_limiter=limiter,
+        create_limiter=create_limiter,
         request_timeout_s=REQUEST_TIMEOUT_S,
     )
     return Starlette(routes=meetings_routes(deps))
@@ -263,20 +279,40 @@ async def meeting_token_validator(
     return tokens.TokenValidator(KeyStore([str(path)]))
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 async def create(
-    client: httpx.AsyncClient, ac_keys: DevKeys, body: object = None, **kwargs: Any
+    client: httpx.AsyncClient,
+    ac_keys: DevKeys,
+    body: object = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> httpx.Response:
+    """``POST /api/v1/meetings`` as a user (``USER`` unless ``token``), the
+    body declared as JSON unless ``headers`` say otherwise."""
     if body is not None:
         kwargs["json"] = body
-    return await client.post("/api/v1/meetings", headers=bearer(user_token(ac_keys)), **kwargs)
+    all_headers = JSON | bearer(token or user_token(ac_keys)) | (headers or {})
+    return await client.post("/api/v1/meetings", headers=all_headers, **kwargs)
 
 
 async def guest(
-    client: httpx.AsyncClient, body: object = None, code: str = GUEST_CODE, **kwargs: Any
+    client: httpx.AsyncClient,
+    body: object = None,
+    code: str = GUEST_CODE,
+    *,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> httpx.Response:
+    """A guest join, the body declared as JSON unless ``headers`` say otherwise."""
     if body is not None:
         kwargs["json"] = body
-    return await client.post(f"/api/v1/meetings/{code}/guest-token", **kwargs)
+    return await client.post(
+        f"/api/v1/meetings/{code}/guest-token", headers=JSON | (headers or {}), **kwargs
+    )
 
 
 # --- authentication ------------------------------------------------------------------------
@@ -373,6 +409,17 @@ async def test_untrusted_credentials_are_401(
         ("POST", "/api/v1/meetings", {"org_id": ""}),
         ("POST", "/api/v1/meetings", {"sub": "u" * 256}),
         ("POST", "/api/v1/meetings", {"sub": "user\x00one"}),
+        ("POST", "/api/v1/meetings", {"sub": "user one"}),
+        ("POST", "/api/v1/meetings", {"sub": "user\u202eone"}),
+        ("POST", "/api/v1/meetings", {"sub": "ユーザー"}),
+        ("POST", "/api/v1/meetings", {"sub": "user/one"}),
+        ("POST", "/api/v1/meetings", {"sub": "guest-0123456789abcdef"}),
+        ("POST", "/api/v1/meetings", {"sub": "Guest-x"}),
+        ("GET", f"/api/v1/meetings/{CODE}", {"sub": "u" * 256}),
+        ("GET", f"/api/v1/meetings/{CODE}", {"sub": "user\none"}),
+        ("GET", f"/api/v1/meetings/{CODE}", {"sub": "user\u200bone"}),
+        ("GET", f"/api/v1/meetings/{CODE}", {"sub": "guest-0123456789abcdef"}),
+        ("GET", f"/api/v1/meetings/{CODE}", {"sub": "GUEST-x"}),
         ("GET", f"/api/v1/meetings/{CODE}", {"audience": tokens.AUD_MC}),
         ("GET", f"/api/v1/meetings/{CODE}", {"scopes": (tokens.SCOPE_MEETING_CREATE,)}),
         ("GET", f"/api/v1/meetings/{CODE}", {"org_id": None}),
@@ -394,7 +441,7 @@ async def test_genuine_tokens_without_the_grant_are_403(
         headers=bearer(user_token(ac_keys, **token_kwargs)),
         json={"display_name": "x"} if method == "POST" else None,
     )
-    assert_error(response, 403, "FORBIDDEN")
+    assert assert_error(response, 403, "FORBIDDEN") == "permission denied"
     assert "www-authenticate" not in response.headers
     assert service.created == []
     assert service.joins == []
@@ -497,6 +544,35 @@ async def test_create_takes_any_uuid_spelling_of_org_id(
         ("a\x7fb", False),
         ("a\x85b", False),
         ("a\u2028b", False),
+        # Only whitespace, of any kind: empty once stripped.
+        ("\u3000\u2003\u00a0\t", False),
+        ("a\u00a0b", True),  # inside a name, a no-break space is a space
+        ("Zoë Ådalović 日本語", True),
+        ("Ade\u0301", True),  # a combining accent (Mn)
+        # Format (Cf): bidi overrides and isolates, zero-width characters,
+        # soft hyphen, BOM, tag characters.
+        ("a\u202eb", False),
+        ("a\u2066b", False),
+        ("a\u200bb", False),
+        ("\u200b", False),
+        # Joiners (ZWJ, ZWNJ) only between two visible characters: names
+        # and emoji sequences need them; padding or doubling is refused.
+        ("👩\u200d💻", True),
+        ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", True),  # Persian with ZWNJ
+        ("ab\u200d", False),
+        ("\u200dab", False),
+        ("a\u200d\u200db", False),
+        ("a\u200c\u200db", False),
+        ("a \u200db", False),
+        ("a\u200d\u202eb", False),
+        ("a\u00adb", False),
+        ("a\ufeffb", False),
+        ("a\U000e0041b", False),
+        # Private use (Co), unassigned (Cn, noncharacters included).
+        ("a\ue000b", False),
+        ("a\U000f0000b", False),
+        ("a\u0378b", False),
+        ("a\uffffb", False),
     ],
     ids=lambda v: repr(v)[:20] if isinstance(v, str) else None,
 )
@@ -633,7 +709,9 @@ async def test_body_size_limit(
     assert_error(response, 400, "INVALID_REQUEST")
 
     # Without Content-Length the limit is enforced while reading.
-    request = client.build_request("POST", "/api/v1/meetings", headers=bearer(user_token(ac_keys)))
+    request = client.build_request(
+        "POST", "/api/v1/meetings", headers=JSON | bearer(user_token(ac_keys))
+    )
     request.stream = ChunkedBody([prefix, *([b" " * 1024] * 100), b"}"])
     response = await client.send(request)
     assert assert_error(response, 400, "INVALID_REQUEST").startswith("body: ")
@@ -647,6 +725,117 @@ async def test_create_database_unavailable_is_503(
     response = await create(client, ac_keys, {"display_name": "x"})
     assert_error(response, 503, "SERVICE_UNAVAILABLE")
     assert response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        "auth0|5f1c9a0e",
+        "ada@example.com",
+        "google-oauth2:1234567890",
+        "a.b_c+d-e",
+        str(uuid.UUID(int=7)),
+        "u" * 255,
+        "guest",  # the reserved prefix is "guest-"
+        "guest_1",
+        "my-guest-1",
+    ],
+)
+async def test_usable_subs_create_and_join_as_themselves(
+    client: httpx.AsyncClient, ac_keys: DevKeys, service: FakeMeetings, tmp_path: Path, sub: str
+) -> None:
+    token = user_token(ac_keys, sub=sub)
+    created = await create(client, ac_keys, {"display_name": "x"}, token=token)
+    assert created.status_code == 201, created.text
+    assert service.created[0]["created_by"] == sub
+    joined = await client.get(f"/api/v1/meetings/{CODE}", headers=bearer(token))
+    assert joined.status_code == 200, joined.text
+    validator = await meeting_token_validator(client, tmp_path)
+    claims = validator.validate(
+        joined.json()["token"], audience=tokens.AUD_MC, scope=tokens.SCOPE_MEETING_PARTICIPANT
+    )
+    assert claims.sub == sub
+
+
+async def test_creates_are_limited_per_user_then_recover(
+    mock_clock: trio.testing.MockClock,
+    client: httpx.AsyncClient,
+    ac_keys: DevKeys,
+    service: FakeMeetings,
+) -> None:
+    mine = user_token(ac_keys)
+    # Every create counts, whatever its fate: good, bad body, bad Content-Type.
+    statuses = [
+        (await create(client, ac_keys, {"display_name": "x"}, token=mine)).status_code,
+        (await create(client, ac_keys, {"display_name": ""}, token=mine)).status_code,
+        (
+            await create(
+                client,
+                ac_keys,
+                content=b'{"display_name": "x"}',
+                token=mine,
+                headers={"Content-Type": "text/plain"},
+            )
+        ).status_code,
+    ]
+    assert statuses == [201, 400, 400]
+    for _ in range(CREATE_BURST - 3):
+        assert (await create(client, ac_keys, {"display_name": "x"}, token=mine)).status_code == 201
+    created = len(service.created)
+
+    refused = await create(client, ac_keys, {"display_name": "x"}, token=mine)
+    assert assert_error(refused, 429, "RATE_LIMITED") == "too many meetings created; retry later"
+    assert refused.headers["retry-after"] == "2"
+    # Refused before the body is even looked at.
+    refused = await create(client, ac_keys, content=b"not json", token=mine)
+    assert_error(refused, 429, "RATE_LIMITED")
+    assert len(service.created) == created
+
+    # Other users have their own buckets - another sub, or the same sub in
+    # another org - and joins are not creates.
+    for other in (user_token(ac_keys, sub="user-2"), user_token(ac_keys, org_id=str(OTHER_ORG))):
+        response = await create(client, ac_keys, {"display_name": "x"}, token=other)
+        assert response.status_code == 201, response.text
+    joined = await client.get(f"/api/v1/meetings/{CODE}", headers=bearer(mine))
+    assert joined.status_code == 200
+
+    mock_clock.jump(1.0)
+    refused = await create(client, ac_keys, {"display_name": "x"}, token=mine)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    mock_clock.jump(1.0)
+    assert (await create(client, ac_keys, {"display_name": "x"}, token=mine)).status_code == 201
+    assert (await create(client, ac_keys, {"display_name": "x"}, token=mine)).status_code == 429
+
+
+async def test_unauthenticated_creates_cost_no_users_tokens(
+    client: httpx.AsyncClient, ac_keys: DevKeys
+) -> None:
+    """The key is the verified token's: a request without one cannot drain
+    anyone's bucket."""
+    for _ in range(CREATE_BURST + 5):
+        response = await client.post("/api/v1/meetings", headers=JSON, json={"display_name": "x"})
+        assert response.status_code == 401
+    assert (await create(client, ac_keys, {"display_name": "x"})).status_code == 201
+
+
+async def test_the_gc_wires_its_create_limit(
+    db_pool: asyncpg.Pool, ac_keys: DevKeys, database_dsn: str
+) -> None:
+    """GC_CREATES_PER_MINUTE reaches the running GC's API."""
+    environ = gc_environ(ac_keys, database_dsn, GC_CREATES_PER_MINUTE="2")
+    with trio.fail_after(30):
+        async with (
+            running_gc(environ) as gc,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{gc.endpoints.http_port}") as http,
+        ):
+            statuses = [
+                (await create(http, ac_keys, {"display_name": "x"})).status_code for _ in range(3)
+            ]
+            other = user_token(ac_keys, sub="user-2")
+            other_status = await create(http, ac_keys, {"display_name": "x"}, token=other)
+    assert statuses == [201, 201, 429]
+    assert other_status.status_code == 201
 
 
 # --- GET /api/v1/meetings/{code} -----------------------------------------------------------
@@ -887,6 +1076,12 @@ async def test_guest_needs_no_credentials_and_ignores_them(
         ("a" * 101, False),
         ("a\x00b", False),
         ("a\rb", False),
+        ("\u3000\u3000\u3000", False),
+        ("Ada\u202e", False),
+        ("A\u200bda", False),
+        ("Ada\ue000", False),
+        ("Ada\u0378", False),
+        ("Zoë", True),
     ],
     ids=lambda v: repr(v)[:20] if isinstance(v, str) else None,
 )
@@ -996,6 +1191,101 @@ async def test_guest_service_unavailable(client: httpx.AsyncClient, service: Fak
     assert response.headers["retry-after"] == "2"
 
 
+# --- Content-Type -----------------------------------------------------------------------------
+
+ACCEPTED_CONTENT_TYPES = [
+    "application/json",
+    "Application/JSON",
+    "application/json; charset=utf-8",
+    "application/json;charset=UTF-8",
+    'application/json; charset="utf-8"',
+    "application/json;",
+]
+REFUSED_CONTENT_TYPES = [
+    None,
+    "",
+    "text/plain",
+    "text/json",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/jsonx",
+    "application/json-patch+json",
+    "application/*",
+    "application/json; charset=latin-1",
+    "application/json; charset=utf-16",
+    "application/json; charset",
+    "application/json; boundary=x",
+    "application/json; charset=utf-8; q=1",
+]
+
+
+def _content_type(value: str | None) -> dict[str, str]:
+    # httpx sends no Content-Type for bytes content unless told.
+    return {} if value is None else {"Content-Type": value}
+
+
+@pytest.mark.parametrize("content_type", ACCEPTED_CONTENT_TYPES)
+async def test_json_bodies_are_taken_with_their_media_type(
+    client: httpx.AsyncClient, ac_keys: DevKeys, content_type: str
+) -> None:
+    body = b'{"display_name": "Ada"}'
+    created = await create(client, ac_keys, content=body, headers=_content_type(content_type))
+    assert created.status_code == 201, created.text
+    joined = await guest(client, content=body, headers=_content_type(content_type))
+    assert joined.status_code == 200, joined.text
+
+
+@pytest.mark.parametrize("content_type", REFUSED_CONTENT_TYPES)
+async def test_other_media_types_are_400(
+    client: httpx.AsyncClient, ac_keys: DevKeys, service: FakeMeetings, content_type: str | None
+) -> None:
+    """SPEC §6.5 has no code for 415: INVALID_REQUEST names the header, and
+    never echoes its value."""
+    body = b'{"display_name": "Ada"}'
+    if content_type is None:
+        # No header at all (the helpers add one unless it is overridden).
+        request = client.build_request(
+            "POST", "/api/v1/meetings", headers=bearer(user_token(ac_keys)), content=body
+        )
+        assert "content-type" not in request.headers
+        responses = [await client.send(request)]
+        request = client.build_request(
+            "POST", f"/api/v1/meetings/{GUEST_CODE}/guest-token", content=body
+        )
+        responses.append(await client.send(request))
+    else:
+        headers = _content_type(content_type)
+        responses = [
+            await create(client, ac_keys, content=body, headers=headers),
+            await guest(client, content=body, headers=headers),
+        ]
+    for response in responses:
+        message = assert_error(response, 400, "INVALID_REQUEST")
+        assert message.startswith("Content-Type: must be application/json")
+        if content_type:
+            assert content_type not in response.text
+    assert service.created == []
+    assert service.joins == []
+
+
+async def test_two_content_type_headers_are_refused(
+    client: httpx.AsyncClient, ac_keys: DevKeys, service: FakeMeetings
+) -> None:
+    request = client.build_request(
+        "POST",
+        "/api/v1/meetings",
+        headers=[
+            ("Authorization", f"Bearer {user_token(ac_keys)}"),
+            ("Content-Type", "application/json"),
+            ("Content-Type", "text/plain"),
+        ],
+        content=b'{"display_name": "Ada"}',
+    )
+    response = await client.send(request)
+    assert assert_error(response, 400, "INVALID_REQUEST").startswith("Content-Type: ")
+    assert service.created == []
+
+
 # --- documents -----------------------------------------------------------------------------
 
 
@@ -1078,6 +1368,14 @@ async def test_openapi_document_describes_every_route(
         "SERVICE_UNAVAILABLE",
         "INTERNAL",
     } <= codes
+    # Both limited operations say so.
+    for path, method in (
+        ("/api/v1/meetings", "post"),
+        ("/api/v1/meetings/{code}/guest-token", "post"),
+    ):
+        responses = document["paths"][path][method]["responses"]
+        assert responses["429"] == {"$ref": "#/components/responses/RateLimited"}
+        assert "application/json" in document["paths"][path][method]["requestBody"]["content"]
 
 
 async def test_openapi_limits_match_the_handlers(

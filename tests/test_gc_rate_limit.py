@@ -1,12 +1,21 @@
-"""The guest-join rate limiter: token buckets on trio's clock (MockClock-driven)."""
+"""The HTTP API's rate limiter (guest joins, creates): token buckets on trio's
+clock (MockClock-driven), and the keys it is used with."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 import trio
 import trio.testing
 
-from darktower.gc.rate_limit import UNKNOWN_CLIENT, RateDecision, RateLimiter, client_key
+from darktower.gc.rate_limit import (
+    UNKNOWN_CLIENT,
+    RateDecision,
+    RateLimiter,
+    client_key,
+    user_key,
+)
 
 
 def _drain(limiter: RateLimiter, key: str, count: int) -> None:
@@ -133,3 +142,31 @@ def test_invalid_parameters(kwargs: dict[str, float]) -> None:
 )
 def test_client_key(host: str | None, key: str) -> None:
     assert client_key(host) == key
+
+
+ORG_A = uuid.UUID("0b8a3f5e-7d0c-4c4e-9a51-3f2b7c1d9e01")
+ORG_B = uuid.UUID("6f1e2d3c-4b5a-4978-8a6b-5c4d3e2f1a00")
+
+
+def test_user_key_is_org_and_sub() -> None:
+    assert user_key(ORG_A, "user-1") == "0b8a3f5e-7d0c-4c4e-9a51-3f2b7c1d9e01/user-1"
+
+
+def test_user_keys_never_collide() -> None:
+    """The org's text has a fixed length, so a ``sub`` containing the
+    separator (or looking like an org) cannot land in another user's bucket."""
+    keys = {
+        user_key(ORG_A, "user-1"),
+        user_key(ORG_B, "user-1"),
+        user_key(ORG_A, "user-2"),
+        user_key(ORG_A, f"{ORG_B}/user-1"),
+        user_key(ORG_A, "user-1/"),
+    }
+    assert len(keys) == 5
+
+
+async def test_a_user_in_two_orgs_has_two_buckets(mock_clock: trio.testing.MockClock) -> None:
+    limiter = RateLimiter(burst=1, refill_interval_s=60.0)
+    _drain(limiter, user_key(ORG_A, "user-1"), 1)
+    assert not limiter.acquire_nowait(user_key(ORG_A, "user-1")).allowed
+    assert limiter.acquire_nowait(user_key(ORG_B, "user-1")).allowed
