@@ -13,7 +13,7 @@ nox.options.error_on_missing_interpreters = True
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_venv = "yes"
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent
 PACKAGES = ("gc", "mc", "shared", "protos", "cli")
 
 
@@ -34,17 +34,23 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     # The folders become ``darktower.<name>`` only when installed; give mypy
-    # the same view through a tree of symlinks.
+    # the same view through a tree of symlinks. mypy runs from that tree, not
+    # from the repository: there the repository's ``gc/`` folder would shadow
+    # the standard library's ``gc`` module.
+    config = f"--config-file={ROOT / 'setup.cfg'}"
     with tempfile.TemporaryDirectory() as tmp:
         namespace = Path(tmp, "darktower")
         namespace.mkdir()
         for package in PACKAGES:
             (namespace / package).symlink_to(ROOT / package)
         args = [arg for package in PACKAGES for arg in ("-p", f"darktower.{package}")]
-        session.run("mypy", *args, env={"MYPYPATH": tmp})
-        # Tests import their helpers (gc_harness) as top-level modules, the
-        # way pytest's rootdir-relative sys.path makes them importable.
-        session.run("mypy", "tests", "noxfile.py", env={"MYPYPATH": f"{tmp}:{ROOT / 'tests'}"})
+        with session.chdir(tmp):
+            session.run("mypy", config, *args, env={"MYPYPATH": tmp})
+            # Tests import their helpers (gc_harness) as top-level modules, the
+            # way pytest's rootdir-relative sys.path makes them importable.
+            tests_path = {"MYPYPATH": f"{tmp}:{ROOT / 'tests'}"}
+            session.run("mypy", config, str(ROOT / "tests"), env=tests_path)
+            session.run("mypy", config, str(ROOT / "noxfile.py"))
 
 
 @nox.session

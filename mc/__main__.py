@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -16,10 +17,35 @@ from darktower.shared.service_main import Problem, service_main
 
 log = get_logger("darktower.mc")
 
+#: Young-generation threshold of the cyclic garbage collector (CPython's
+#: default is 700); the older generations keep their defaults.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Make CPython's cyclic garbage collector cheap for the MC's heap.
+
+    An MC holds a large, growing population of long-lived objects (an actor
+    tree per hosted meeting: tasks, channels, cancel scopes) and allocates a
+    great deal per assignment. With the default thresholds (700, 10, 10) the
+    collector runs every 700 net allocations and keeps re-traversing the
+    long-lived heap: measured under ``dt bench assign``, 2.8 s of the MC's
+    15 s of CPU (19 %) went to it. Freezing what start-up created (modules,
+    protobuf descriptors: never garbage) and collecting the young generation
+    every 50,000 allocations brought that to 0.37 s (3 %). Cyclic garbage
+    (about 16 objects per assignment) is still collected, in larger batches;
+    plain garbage never waited for the collector anyway (reference counts).
+    Process-wide, so it is done here, at the service's entry point.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
 
 async def serve_until_signalled(config: McConfig) -> None:
     """Run the MC. The first SIGTERM/SIGINT starts the drain (bounded by
     MC_DRAIN_TIMEOUT_S); a second one cancels at once. Exit status 0."""
+    tune_gc()
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:

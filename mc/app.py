@@ -1,7 +1,8 @@
 """The Meeting Controller as one trio nursery tree (SPEC §7.1).
 
 Start order: Redis (fail fast: the fencing script is loaded, so an
-unreachable Redis stops the start), the actor tree, the gRPC server (so an
+unreachable Redis stops the start), the meeting state store's batcher (every
+fenced write goes through it), the actor tree, the gRPC server (so an
 assignment arriving the moment the MC is registered finds it listening), the
 HTTP endpoints, then the GC task. ``stop`` begins the drain of SPEC §7.5:
 refuse new assignments (``DRAINING``, also in the next heartbeat), let hosted
@@ -30,6 +31,7 @@ from darktower.mc.metrics import (
     FENCED_OUT,
     GRPC_RPCS,
     MEETING_FAILURES,
+    MEETING_STATE,
     MEETINGS,
     PARTICIPANTS,
     REGISTRY,
@@ -90,6 +92,7 @@ async def run_mc(
     async with redis:
         store = MeetingStateStore(redis)
         await store.load_scripts()
+        MEETING_STATE.source = store.statistics
         ledger = CapacityLedger(config.max_meetings, config.max_participants)
         MEETINGS.set_function(lambda: ledger.snapshot().meetings)
         PARTICIPANTS.set_function(lambda: ledger.snapshot().participants)
@@ -98,6 +101,9 @@ async def run_mc(
             open_gc_client(config.gc_grpc_url, config.service_token) as gc_client,
             trio.open_nursery() as nursery,
         ):
+            # First: the assignments, the fencing watch and ending meetings
+            # all write through its batcher.
+            await nursery.start(store.run)
             controller = MeetingControllerActor(
                 ledger,
                 on_meeting_ended=_meeting_ended(store, gc_client, config.region, config.mc_id),

@@ -24,6 +24,10 @@ from darktower.shared.validation import InvalidArgument, endpoint, node_id
 
 log = get_logger(__name__)
 
+#: The accepted-assignments counter, resolved once (``labels`` takes a lock
+#: and a dict lookup per call; this runs once per accept).
+_ACCEPTED = ASSIGNMENTS.labels("accepted", "")
+
 #: A GC sends a primary and a backup; anything beyond a handful is hostile.
 MAX_MH_ASSIGNMENTS = 8
 _MEETING_ID_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"{", "}"}
@@ -145,7 +149,7 @@ class Assigner:
             if decision is Decision.ACCEPTED and self._controller.meeting(meeting_id) is None:
                 self._ledger.release(meeting_id)
             raise
-        ASSIGNMENTS.labels("accepted", "").inc()
+        _ACCEPTED.inc()
         log.info(
             "meeting_assigned",
             meeting_id=meeting_id,

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from darktower.mc.repositories.meeting_state import MeetingStateStoreStatistics
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -30,3 +37,36 @@ GRPC_RPCS = Counter(
 )
 MEETINGS = Gauge("mc_meetings", "Meetings reserved or hosted here", registry=REGISTRY)
 PARTICIPANTS = Gauge("mc_participants", "Participants in meetings hosted here", registry=REGISTRY)
+
+
+class _MeetingStateCollector(Collector):
+    """The meeting state store's own counters, read at scrape time (nothing
+    is added to the store's hot path). Operations per batch is how well the
+    group commit coalesces; script reloads say how often Redis lost its
+    script cache. Zero until :attr:`source` is set (by the app, once the
+    store exists)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], MeetingStateStoreStatistics] = MeetingStateStoreStatistics
+
+    def collect(self) -> Iterator[Metric]:
+        statistics = self.source()
+        yield CounterMetricFamily(
+            "mc_redis_batches",
+            "Pipelines of fenced Redis operations sent (group commit)",
+            value=statistics.batches,
+        )
+        yield CounterMetricFamily(
+            "mc_redis_batched_operations",
+            "Fenced Redis operations sent in those pipelines",
+            value=statistics.operations,
+        )
+        yield CounterMetricFamily(
+            "mc_redis_script_reloads",
+            "Fencing script reloads after a NOSCRIPT reply",
+            value=statistics.noscript_reloads,
+        )
+
+
+MEETING_STATE = _MeetingStateCollector()
+REGISTRY.register(MEETING_STATE)

@@ -88,6 +88,7 @@ async def running_mc(
         ledger = CapacityLedger(max_meetings, max_participants)
         store = MeetingStateStore(client, key_prefix=key_prefix)
         await store.load_scripts()
+        await nursery.start(store.run)
         controller = MeetingControllerActor(
             ledger, on_meeting_ended=on_meeting_ended, empty_meeting_timeout_s=300
         )

@@ -1,6 +1,7 @@
 """The fencing script (SPEC §7.3) behaviourally against real Redis, through
-:class:`MeetingStateStore`: every rule, the NOSCRIPT reload, and concurrent
-claims of one meeting."""
+:class:`MeetingStateStore` (its batcher running): every rule, the NOSCRIPT
+reload, and concurrent claims of one meeting. The batcher itself is tested in
+``test_mc_meeting_state_batcher.py``."""
 
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ async def client(redis_server_url: str) -> AsyncIterator[coredis.Redis[Any]]:
 
 
 @pytest.fixture
-def store(client: coredis.Redis[Any], redis_key_prefix: str) -> MeetingStateStore:
-    return MeetingStateStore(client, key_prefix=redis_key_prefix)
+async def store(
+    client: coredis.Redis[Any], redis_key_prefix: str
+) -> AsyncIterator[MeetingStateStore]:
+    async with MeetingStateStore(client, key_prefix=redis_key_prefix).running() as running:
+        yield running
 
 
 async def test_keys_are_prefixed_and_share_the_meetings_hash_tag(
@@ -160,7 +164,11 @@ async def test_script_flush_then_a_call_reloads_via_noscript(
 
         # Loaded again: the next call goes straight through.
         await store.claim("m-1", 2, "mc-b", MH2)
-        assert store.statistics() == after
+        final = store.statistics()
+        assert (final.script_loads, final.noscript_reloads) == (
+            after.script_loads,
+            after.noscript_reloads,
+        )
 
 
 async def test_first_call_without_load_scripts_loads_lazily(
@@ -169,7 +177,8 @@ async def test_first_call_without_load_scripts_loads_lazily(
     store = MeetingStateStore(client, key_prefix=redis_key_prefix)
     with trio.fail_after(IO_TIMEOUT_S):
         await client.script_flush(coredis.PureToken.SYNC)
-        assert (await store.claim("m-1", 1, "mc-a", MH)).outcome is ClaimOutcome.CLAIMED
+        async with store.running():
+            assert (await store.claim("m-1", 1, "mc-a", MH)).outcome is ClaimOutcome.CLAIMED
         assert store.statistics().script_loads == 1
 
 
@@ -220,8 +229,9 @@ async def test_release_tombstone_can_be_kept_forever(
 ) -> None:
     store = MeetingStateStore(client, key_prefix=redis_key_prefix, tombstone_ttl_s=0)
     with trio.fail_after(IO_TIMEOUT_S):
-        await store.claim("m-1", 1, "mc-a", MH)
-        await store.release("m-1", 1, "mc-a")
+        async with store.running():
+            await store.claim("m-1", 1, "mc-a", MH)
+            await store.release("m-1", 1, "mc-a")
         assert await client.pttl(store.keys("m-1")[0]) == -1
 
 
@@ -270,8 +280,9 @@ async def test_key_prefixes_are_independent(
     one = MeetingStateStore(client, key_prefix=redis_key_prefix + "one:")
     two = MeetingStateStore(client, key_prefix=redis_key_prefix + "two:")
     with trio.fail_after(IO_TIMEOUT_S):
-        await one.claim("m-1", 5, "mc-a", MH)
-        assert (await two.claim("m-1", 1, "mc-b", MH)).outcome is ClaimOutcome.CLAIMED
+        async with one.running(), two.running():
+            await one.claim("m-1", 5, "mc-a", MH)
+            assert (await two.claim("m-1", 1, "mc-b", MH)).outcome is ClaimOutcome.CLAIMED
 
 
 async def test_concurrent_claims_of_one_meeting_follow_the_rule(
@@ -294,6 +305,7 @@ async def test_concurrent_claims_of_one_meeting_follow_the_rule(
                 redis: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
                 await stack.enter_async_context(redis)
                 stores[mc_id] = MeetingStateStore(redis, key_prefix=redis_key_prefix)
+                await stack.enter_async_context(stores[mc_id].running())
             async with trio.open_nursery() as nursery:
                 for generation, mc_id in claims:
                     nursery.start_soon(claim, stores[mc_id], generation, mc_id)
@@ -367,13 +379,20 @@ async def test_invalid_input_is_refused_before_touching_redis(
     # A client that was never entered and points nowhere: any I/O would fail
     # with something other than InvalidArgument.
     store = MeetingStateStore(coredis.Redis(host="127.0.0.1", port=1))
-    with pytest.raises(InvalidArgument) as claim_error:
-        await store.claim(meeting_id, generation, mc_id, MH)
-    assert claim_error.value.field == field
-    with pytest.raises(InvalidArgument):
-        await store.release(meeting_id, generation, mc_id)
-    with pytest.raises(InvalidArgument):
-        await store.write(meeting_id, generation, mc_id, {"k": "v"})
+    async with store.running():
+        with pytest.raises(InvalidArgument) as claim_error:
+            await store.claim(meeting_id, generation, mc_id, MH)
+        assert claim_error.value.field == field
+        with pytest.raises(InvalidArgument):
+            await store.release(meeting_id, generation, mc_id)
+        with pytest.raises(InvalidArgument):
+            await store.write(meeting_id, generation, mc_id, {"k": "v"})
+        # Many at once: one bad item refuses the whole call, nothing is sent.
+        with pytest.raises(InvalidArgument):
+            await store.claim_many(mc_id, [("m-ok", 1, MH), (meeting_id, generation, MH)])
+        with pytest.raises(InvalidArgument):
+            await store.write_many(mc_id, [("m-ok", 1, {"k": "v"}), (meeting_id, generation, {})])
+    assert store.statistics().operations == 0
 
 
 async def test_empty_state_write_is_refused(store: MeetingStateStore) -> None:
@@ -391,7 +410,7 @@ async def test_lost_connection_raises_redis_unavailable() -> None:
             port = listeners[0].socket.getsockname()[1]
             redis: coredis.Redis[Any] = coredis.Redis(host="127.0.0.1", port=port)
             store = MeetingStateStore(redis)
-            async with redis:
+            async with redis, store.running():
                 with pytest.raises(RedisUnavailable):
                     await store.claim("m-1", 1, "mc-a", MH)
                 with pytest.raises(RedisUnavailable):

@@ -1,9 +1,10 @@
 """A hosted meeting taken over elsewhere is dropped on the next fenced
-write (SPEC §7.3) - real Redis, real actors."""
+write (SPEC §7.3) - real Redis, real actors; a round over many meetings shares
+the store's pipelines; Redis trouble drops nothing."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,18 @@ import trio.testing
 from darktower.mc.actors import ControllerNotRunning, MeetingControllerActor
 from darktower.mc.assignment import Assigner, Assignment
 from darktower.mc.capacity import CapacityLedger
-from darktower.mc.fencing_watch import FencingWatch
+from darktower.mc.fencing_watch import _CHUNK_TIMEOUT_S, FencingWatch
 from darktower.mc.metrics import FENCED_OUT, REGISTRY
 from darktower.mc.repositories.meeting_state import (
+    ClaimItem,
+    ClaimResult,
+    FenceResult,
     MeetingStateError,
     MeetingStateStore,
     RedisUnavailable,
+    WriteItem,
+    WriteOutcome,
+    WriteResult,
 )
 
 MC_ID = "mc-a"
@@ -37,14 +44,17 @@ class Core:
 
 
 @asynccontextmanager
-async def mc_core(redis_url: str, key_prefix: str) -> AsyncIterator[Core]:
+async def mc_core(
+    redis_url: str, key_prefix: str, *, max_meetings: int = 100
+) -> AsyncIterator[Core]:
     async def on_meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
         pass
 
     client: coredis.Redis[Any] = coredis.Redis.from_url(redis_url)
     async with client, trio.open_nursery() as nursery:
-        ledger = CapacityLedger(100, 10_000)
+        ledger = CapacityLedger(max_meetings, 10_000_000)
         store = MeetingStateStore(client, key_prefix=key_prefix)
+        await nursery.start(store.run)
         controller = MeetingControllerActor(
             ledger,
             on_meeting_ended=on_meeting_ended,
@@ -84,26 +94,27 @@ async def test_a_meeting_taken_over_elsewhere_is_dropped_on_the_next_write(
         assert await core.watch.check_all() == []  # not retried
 
 
-class UnreachableStore(MeetingStateStore):
-    """The real store whose every write meets a Redis outage."""
-
-    async def write(self, *args: Any, **kwargs: Any) -> Any:
-        raise RedisUnavailable("ConnectionError")
-
-
 async def test_redis_down_drops_nothing(redis_server_url: str, redis_key_prefix: str) -> None:
-    async with mc_core(redis_server_url, redis_key_prefix) as core:
-        assert (await core.assigner.assign(Assignment("m-1", 1, "gc-1", ()))).accepted
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    async with mc_core(redis_server_url, redis_key_prefix) as core, trio.open_nursery() as nursery:
+        for meeting_id in ("m-1", "m-2"):
+            assert (await core.assigner.assign(Assignment(meeting_id, 1, "gc-1", ()))).accepted
         before = fenced_out_total()
-        client: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
-        watch = FencingWatch(
-            mc_id=MC_ID,
-            store=UnreachableStore(client, key_prefix=redis_key_prefix),
-            controller=core.controller,
-        )
-        assert await watch.check_all() == []
-        assert core.controller.meeting_ids() == ["m-1"]
+        # The same keys through a Redis that hangs up on every connection.
+        listeners = await nursery.start(trio.serve_tcp, hang_up, 0)
+        port = listeners[0].socket.getsockname()[1]
+        client: coredis.Redis[Any] = coredis.Redis(host="127.0.0.1", port=port)
+        store = MeetingStateStore(client, key_prefix=redis_key_prefix)
+        async with client, store.running():
+            watch = FencingWatch(mc_id=MC_ID, store=store, controller=core.controller)
+            assert await watch.check_all() == []
+            with pytest.raises(RedisUnavailable):  # what the watch met
+                await store.write("m-1", 1, MC_ID, {"k": "v"})
+        assert core.controller.meeting_ids() == ["m-1", "m-2"]
         assert fenced_out_total() == before
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_late_older_assignment_never_stops_our_newer_meeting(
@@ -147,25 +158,86 @@ async def test_keys_lost_by_redis_are_claimed_again_not_dropped(
 
 
 class FailingStore(MeetingStateStore):
-    """The real store whose writes meet a Redis error reply (OOM, MISCONF)."""
+    """The real store, whose writes of the meetings in ``failing`` meet a
+    Redis error reply (OOM, MISCONF) instead of being sent."""
 
-    async def write(self, *args: Any, **kwargs: Any) -> Any:
-        raise MeetingStateError("ResponseError")
+    def __init__(self, *args: Any, failing: set[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failing = failing
+        self.written: list[str] = []
+
+    async def write_many(
+        self, mc_id: str, writes: Sequence[WriteItem]
+    ) -> list[WriteResult | MeetingStateError]:
+        self.written += [meeting_id for meeting_id, _, _ in writes]
+        sent = [w for w in writes if w[0] not in self.failing]
+        results = iter(await super().write_many(mc_id, sent))
+        return [
+            MeetingStateError("ResponseError") if w[0] in self.failing else next(results)
+            for w in writes
+        ]
 
 
 async def test_a_redis_error_reply_neither_drops_nor_crashes(
     redis_server_url: str, redis_key_prefix: str
 ) -> None:
     async with mc_core(redis_server_url, redis_key_prefix) as core:
-        assert (await core.assigner.assign(Assignment("m-1", 1, "gc-1", ()))).accepted
+        for meeting_id in ("m-1", "m-moved", "m-3", "m-4"):
+            assert (await core.assigner.assign(Assignment(meeting_id, 1, "gc-1", ()))).accepted
+        assert (await core.store.claim("m-moved", 2, "mc-b", [])).ok
         client: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
-        watch = FencingWatch(
-            mc_id=MC_ID,
-            store=FailingStore(client, key_prefix=redis_key_prefix),
-            controller=core.controller,
-        )
-        assert await watch.check_all() == []
-        assert core.controller.meeting_ids() == ["m-1"]
+        store = FailingStore(client, key_prefix=redis_key_prefix, failing={"m-1"})
+        async with client, store.running():
+            watch = FencingWatch(mc_id=MC_ID, store=store, controller=core.controller, chunk_size=2)
+            # The failed write's chunk still acts on the refusal Redis gave
+            # (m-moved), then the round stops: the next chunk waits.
+            assert await watch.check_all() == ["m-moved"]
+            assert store.written == ["m-1", "m-moved"]
+            await trio.testing.wait_all_tasks_blocked()
+            assert core.controller.meeting_ids() == ["m-1", "m-3", "m-4"]
+
+            store.failing = set()
+            assert await watch.check_all() == []
+            assert store.written == ["m-1", "m-moved", "m-1", "m-3", "m-4"]
+        for meeting_id in ("m-1", "m-3", "m-4"):
+            assert b"seen_at" in (await core.store.read(meeting_id)).state
+
+
+async def test_a_round_over_many_meetings_shares_pipelines(
+    redis_server_url: str, redis_key_prefix: str
+) -> None:
+    meetings = [f"m-{i}" for i in range(300)]
+    moved = meetings[10:300:60]  # 5, across every chunk
+    lost = meetings[0:5]  # in the first chunk
+    async with mc_core(redis_server_url, redis_key_prefix, max_meetings=1000) as core:
+        async with trio.open_nursery() as nursery:
+            for meeting_id in meetings:
+                nursery.start_soon(core.assigner.assign, Assignment(meeting_id, 3, "gc-1", ()))
+        assert sorted(core.controller.meeting_ids()) == sorted(meetings)
+        for meeting_id in moved:
+            assert (await core.store.claim(meeting_id, 4, "mc-b", [])).ok
+        client: coredis.Redis[Any] = coredis.Redis.from_url(redis_server_url)
+        async with client:
+            for meeting_id in lost:
+                await client.delete(core.store.keys(meeting_id))
+        before = core.store.statistics()
+
+        assert sorted(await core.watch.check_all()) == sorted(moved)
+
+        after = core.store.statistics()
+        # Chunks of 128 (128 + 128 + 44 writes), one pipeline each, and one
+        # more for the first chunk's reclaims.
+        assert after.operations - before.operations == len(meetings) + len(lost)
+        assert after.batches - before.batches == 4
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(core.controller.meeting_ids()) == sorted(set(meetings) - set(moved))
+        for meeting_id in lost:
+            state = await core.store.read(meeting_id)
+            assert (state.generation, state.owner) == (3, MC_ID)
+        for meeting_id in moved:
+            assert (await core.store.read(meeting_id)).owner == "mc-b"
+        state = await core.store.read(meetings[-1])
+        assert b"seen_at" in state.state
 
 
 async def test_a_slot_is_given_back_when_no_actor_takes_it(
@@ -182,6 +254,55 @@ async def test_a_slot_is_given_back_when_no_actor_takes_it(
         )
         store = MeetingStateStore(client, key_prefix=redis_key_prefix)
         assigner = Assigner(mc_id=MC_ID, ledger=ledger, store=store, controller=controller)
-        with pytest.raises(ControllerNotRunning):
-            await assigner.assign(Assignment("m-1", 1, "gc-1", ()))
+        async with store.running():
+            with pytest.raises(ControllerNotRunning):
+                await assigner.assign(Assignment("m-1", 1, "gc-1", ()))
         assert ledger.snapshot().meetings == 0
+
+
+class LostKeysStore(MeetingStateStore):
+    """No Redis: every write answers NOT_CLAIMED (Redis lost the keys), and
+    the reclaims never answer."""
+
+    def __init__(self) -> None:
+        super().__init__(coredis.Redis(host="127.0.0.1", port=1))
+        self.reclaiming = trio.Event()
+
+    async def write_many(
+        self, mc_id: str, writes: Sequence[WriteItem]
+    ) -> list[WriteResult | MeetingStateError]:
+        return [FenceResult(WriteOutcome.NOT_CLAIMED, None, None) for _ in writes]
+
+    async def claim_many(
+        self, mc_id: str, claims: Sequence[ClaimItem]
+    ) -> list[ClaimResult | MeetingStateError]:
+        self.reclaiming.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_reclaim_that_never_answers_drops_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def on_meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
+        pass
+
+    ledger = CapacityLedger(10, 10_000)
+    controller = MeetingControllerActor(
+        ledger, on_meeting_ended=on_meeting_ended, empty_meeting_timeout_s=3600
+    )
+    store = LostKeysStore()
+    watch = FencingWatch(mc_id=MC_ID, store=store, controller=controller)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        await controller.start_meeting("m-1", 1, ())
+        before = fenced_out_total()
+        started = trio.current_time()
+        # The writes answered NOT_CLAIMED, the reclaims were cut off by the
+        # watch's bound: a NOT_CLAIMED without its reclaim is no refusal.
+        assert await watch.check_all() == []
+        assert store.reclaiming.is_set()
+        assert trio.current_time() - started == pytest.approx(_CHUNK_TIMEOUT_S)
+        assert controller.meeting_ids() == ["m-1"]
+        assert fenced_out_total() == before
+        nursery.cancel_scope.cancel()

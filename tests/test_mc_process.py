@@ -100,6 +100,10 @@ async def test_mc_registers_hosts_an_assignment_and_drains_on_sigterm(
             async with redis:
                 state = await MeetingStateStore(redis).read(meeting_id)
                 assert (state.generation, state.owner) == (41, mc_id)
+            # The claim went through the store's batcher, whose counters
+            # are exposed.
+            assert await mc.metric("mc_redis_batched_operations_total") >= 1
+            assert await mc.metric("mc_redis_batches_total") >= 1
             # The next heartbeat carries the live load.
             await poll_row(clean_database, mc_id, current_meetings=1)
 

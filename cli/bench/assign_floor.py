@@ -8,8 +8,10 @@ authentication, no validation, no capacity ledger, no actor, no metrics, no
 logging, no trio. The load generator sends it exactly what it sends the MC.
 
 The script bytes, its SHA-1 and the key layout come from
-:mod:`darktower.mc.repositories.meeting_state`, which imports only coredis
-and :mod:`darktower.shared.validation` (no trio, no ``trio_asyncio``); the
+:mod:`darktower.mc.repositories.meeting_state`, which imports coredis, trio
+(for the MC's batching task: imported here, never run, and it changes nothing
+in asyncio) and two small :mod:`darktower.shared` modules - no
+``trio_asyncio``, which would patch asyncio process-wide; the
 payload is encoded as the MC's :meth:`Assignment.mh_payload` +
 :meth:`MeetingStateStore.claim` encode it (so Redis stores the same bytes).
 coredis is anyio-based and runs here on anyio's asyncio backend. The server

@@ -9,9 +9,43 @@ The script is a module-level object: its SHA-1 is computed locally once at
 import, it is loaded with ``SCRIPT LOAD`` (eagerly by :meth:`MeetingStateStore.load_scripts`
 at start-up, or lazily by the first call) and invoked with ``EVALSHA``. A
 ``NOSCRIPT`` reply (Redis restarted, failed over or ``SCRIPT FLUSH``\\ ed) loads
-it again and retries exactly once. coredis's own :class:`coredis.commands.Script`
-does the same, but it swallows every error of the reload (bare ``except``) and
-cannot be counted; this is the same dozen lines, explicit.
+it again and retries the refused operations exactly once. coredis's own
+:class:`coredis.commands.Script` does the same, but it swallows every error of
+the reload (bare ``except``) and cannot be counted; this is the same dozen
+lines, explicit.
+
+Group commit. A lone ``EVALSHA`` through coredis costs about 375 µs of CPU on
+trio (connection lease, cancel scopes, telemetry hooks, per command); the same
+``EVALSHA`` inside a pipeline of 8 costs about 65 µs, of 32 about 42 µs. So
+fenced operations (:meth:`~MeetingStateStore.claim`,
+:meth:`~MeetingStateStore.release`, :meth:`~MeetingStateStore.write` and their
+``*_many`` forms) are not sent by their callers: they are queued for one
+batching task, :meth:`MeetingStateStore.run`, which sends whatever is queued
+as one pipeline (one batch of requests on one connection, no ``MULTI``: each
+``EVALSHA`` is atomic by itself, and operations of different callers must not
+fail together on another's error), waits for the answers, hands every caller
+its own reply or error, and sends what queued up meanwhile as the next
+pipeline - the way a database group-commits its log. Nothing waits to fill a
+batch: an operation arriving while the pipe is idle goes out at once, alone;
+under load the batches grow by themselves (bounded by ``max_batch``). How much
+they grow depends on how the callers arrive: the fencing watch hands over a
+hundred writes at once (``write_many``), while in the MC assignments reach the
+store about one at a time (each crosses from the gRPC handler's asyncio side
+on its own, and the pipe is back to idle before the next one arrives), so
+under the assignment bench a claim batch averages about 1.25 claims. Every
+batch is bounded in time (``batch_timeout_s``, the ``NOSCRIPT`` reload and
+retry included); when it runs out, every operation of the batch fails with
+:class:`RedisUnavailable` (coredis drops the connection the batch was waiting
+on) and the next batch goes out as usual.
+
+The batcher must be running for fenced operations (start it with
+``nursery.start(store.run)`` in the nursery that owns the store's users, or
+``async with store.running():``); without it they raise
+:class:`StoreNotRunning` at once. A caller cancelled while it waits is just
+forgotten: its operation is not sent if it is still queued (if it is already
+on the wire, Redis applies it, as with any cancelled request), and no other
+caller nor the batcher notices. :meth:`~MeetingStateStore.read` and
+:meth:`~MeetingStateStore.load_scripts` are plain direct calls.
 
 Keys, for meeting ``m`` and the store's ``key_prefix`` ``p``::
 
@@ -37,13 +71,21 @@ import hashlib
 import importlib.resources
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 import coredis
 import coredis.exceptions
+import trio
+from coredis.commands import CommandRequest
+from coredis.commands.constants import CommandName
 
+from darktower.shared.logging import get_logger
 from darktower.shared.validation import InvalidArgument, node_id
+
+log = get_logger(__name__)
 
 #: The fencing script's source and its SHA-1 (what ``SCRIPT LOAD`` returns).
 FENCING_SCRIPT: bytes = (
@@ -56,6 +98,15 @@ GENERATION_MAX = 2**64 - 1
 #: How long a released meeting's generation is kept, so that a late retry of
 #: the released assignment is still fenced out (and the key still expires).
 DEFAULT_TOMBSTONE_TTL_S = 24 * 3600.0
+
+#: Most fenced operations sent in one pipeline: big enough that a fencing
+#: watch round over thousands of meetings costs a few tens of µs per meeting,
+#: small enough that one batch never holds Redis (or an assignment queued
+#: behind it) for long.
+DEFAULT_MAX_BATCH = 128
+#: Bound on one batch, its NOSCRIPT reload and retry included: a half-open
+#: connection fails the batch's operations instead of stalling every caller.
+DEFAULT_BATCH_TIMEOUT_S = 5.0
 
 #: Meeting ids become part of key names: printable ASCII without braces (a
 #: brace would break the ``{id}`` hash tag), at most 255 characters.
@@ -72,6 +123,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+#: Everything a call into coredis may raise on Redis trouble or an error reply.
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (coredis.exceptions.RedisError, *_UNAVAILABLE)
 
 
 class MeetingStateError(Exception):
@@ -80,6 +133,12 @@ class MeetingStateError(Exception):
 
 class RedisUnavailable(MeetingStateError):
     """Redis could not be reached or cannot serve writes right now."""
+
+
+class StoreNotRunning(RedisUnavailable):
+    """The store's batcher (:meth:`MeetingStateStore.run`) is not running -
+    not started yet, or stopped (the MC is shutting down): no fenced write
+    can be made through it now."""
 
 
 class ClaimOutcome(enum.Enum):
@@ -163,8 +222,16 @@ class MeetingState:
 class MeetingStateStoreStatistics:
     #: ``SCRIPT LOAD`` calls made by this store (start-up and NOSCRIPT reloads).
     script_loads: int = 0
-    #: ``NOSCRIPT`` replies that made it reload.
+    #: ``NOSCRIPT`` replies that made it reload (at most one reload per batch).
     noscript_reloads: int = 0
+    #: Operations sent again after their batch reloaded the script.
+    noscript_retried: int = 0
+    #: Pipelines sent by the batcher (NOSCRIPT retries not counted).
+    batches: int = 0
+    #: Fenced operations sent in them (cancelled-while-queued ones are not sent).
+    operations: int = 0
+    #: The most operations one pipeline carried.
+    largest_batch: int = 0
 
 
 def _validate_common(meeting_id: str, generation: int, mc_id: str) -> None:
@@ -192,13 +259,78 @@ def _optional_int(value: str) -> int | None:
     return int(value) if value else None
 
 
+def _translated(exc: BaseException, what: str) -> MeetingStateError:
+    """The one map from a coredis (or socket) exception to ours."""
+    error: MeetingStateError
+    if isinstance(exc, _UNAVAILABLE):
+        error = RedisUnavailable(f"Redis unavailable: {exc}")
+    else:
+        error = MeetingStateError(f"{what} failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class _Waiter:
+    """One caller's operations: the event is set once every one of them has
+    a reply or an error. ``abandoned`` marks a caller that was cancelled (its
+    still-queued operations are then not sent)."""
+
+    __slots__ = ("abandoned", "done", "remaining")
+
+    def __init__(self, count: int) -> None:
+        self.done = trio.Event()
+        self.remaining = count
+        self.abandoned = False
+
+
+class _Op:
+    """One fenced operation: the script's keys and arguments, then its raw
+    reply or its (already translated) error."""
+
+    __slots__ = ("args", "error", "keys", "noscript", "reply", "settled", "waiter")
+
+    def __init__(self, keys: tuple[str, ...], args: list[str | bytes], waiter: _Waiter) -> None:
+        self.keys = keys
+        self.args = args
+        self.waiter = waiter
+        self.reply: object = None
+        self.error: MeetingStateError | None = None
+        self.settled = False
+        self.noscript = False
+
+    def resolve(self, reply: object) -> None:
+        if not self.settled:
+            self.reply = reply
+            self._settle()
+
+    def fail(self, error: MeetingStateError) -> None:
+        if not self.settled:
+            self.error = error
+            self._settle()
+
+    def _settle(self) -> None:
+        self.settled = True
+        waiter = self.waiter
+        waiter.remaining -= 1
+        if waiter.remaining == 0:
+            waiter.done.set()
+
+
+#: (meeting id, generation, MH assignments) of one claim in :meth:`MeetingStateStore.claim_many`.
+ClaimItem = tuple[str, int, Sequence[Mapping[str, Any]] | bytes]
+#: (meeting id, generation, fields) of one write in :meth:`MeetingStateStore.write_many`.
+WriteItem = tuple[str, int, Mapping[str, str | bytes]]
+
+
 class MeetingStateStore:
     """Fenced per-meeting state on one coredis client. Trio-flavoured: create
     and call it from trio code, like the client itself.
 
-    Cheap to create (no I/O): the script is loaded by :meth:`load_scripts`
-    or by the first call. Safe to share between tasks. Use a client with
-    ``decode_responses=False`` (coredis's default): payloads are bytes.
+    Cheap to create (no I/O). Fenced operations need the batcher running
+    (:meth:`run`, or :meth:`running`); the script is loaded by
+    :meth:`load_scripts` or by the first batch. Safe to share between tasks.
+    Use a client with ``decode_responses=False`` (coredis's default):
+    payloads are bytes.
     """
 
     def __init__(
@@ -207,13 +339,25 @@ class MeetingStateStore:
         *,
         key_prefix: str = "",
         tombstone_ttl_s: float = DEFAULT_TOMBSTONE_TTL_S,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        batch_timeout_s: float = DEFAULT_BATCH_TIMEOUT_S,
     ) -> None:
         if tombstone_ttl_s < 0:
             raise ValueError("tombstone_ttl_s must be >= 0 (0 keeps tombstones forever)")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if not batch_timeout_s > 0:
+            raise ValueError("batch_timeout_s must be > 0")
         self._client = client
         self._prefix = key_prefix
-        self._tombstone_ttl_ms = round(tombstone_ttl_s * 1000)
+        self._tombstone_ttl = str(round(tombstone_ttl_s * 1000)).encode()
+        self._max_batch = max_batch
+        self._batch_timeout_s = batch_timeout_s
         self._statistics = MeetingStateStoreStatistics()
+        self._queue: deque[_Op] = deque()
+        self._running = False
+        #: Set by a caller to wake the idle batcher; ``None`` while it works.
+        self._wakeup: trio.Event | None = None
 
     def statistics(self) -> MeetingStateStoreStatistics:
         """A copy of the counters."""
@@ -224,16 +368,63 @@ class MeetingStateStore:
         base = f"{self._prefix}meeting:{{{meeting_id}}}:"
         return base + "gen", base + "owner", base + "mh", base + "state"
 
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The batcher: send queued fenced operations, one pipeline at a time,
+        until cancelled (trio-flavoured; ``await nursery.start(store.run)``).
+
+        Ready at once (no I/O). Never raises on Redis trouble - that is every
+        affected caller's error, not the batcher's. When it ends, every
+        operation still queued or on the wire fails with
+        :class:`StoreNotRunning`, and so does every later one.
+        """
+        if self._running:
+            raise RuntimeError("this MeetingStateStore's batcher is already running")
+        self._running = True
+        batch: list[_Op] = []
+        try:
+            task_status.started()
+            while True:
+                if not self._queue:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    self._wakeup = None
+                    continue
+                batch = self._take_batch()
+                if batch:
+                    await self._send_batch(batch)
+                batch = []
+        finally:
+            self._running = False
+            self._wakeup = None
+            stopped = "the meeting state store's batcher stopped"
+            for op in (*batch, *self._queue):
+                op.fail(StoreNotRunning(stopped))
+            self._queue.clear()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[MeetingStateStore]:
+        """The batcher for the duration of the block, in a nursery of its own
+        (for code that owns no suitable nursery: tools, tests). Note that an
+        exception leaving the block arrives wrapped in an exception group."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
+
     async def load_scripts(self) -> None:
         """``SCRIPT LOAD`` the fencing script now (at start-up, so a Redis
         that cannot run it fails the start rather than the first assignment).
         Raises :class:`RedisUnavailable` if Redis cannot be reached."""
         try:
             await self._load()
-        except _UNAVAILABLE as exc:
-            raise RedisUnavailable(f"Redis unavailable: {exc}") from exc
-        except coredis.exceptions.RedisError as exc:
-            raise MeetingStateError(f"loading the fencing script failed: {exc}") from exc
+        except _REDIS_ERRORS as exc:
+            raise _translated(exc, "loading the fencing script") from exc
+
+    # -- fenced operations -------------------------------------------------------
 
     async def claim(
         self,
@@ -248,15 +439,9 @@ class MeetingStateStore:
         A list of dicts is stored as compact JSON with sorted keys (so an
         idempotent repeat stores identical bytes); bytes are stored as given.
         """
-        _validate_common(meeting_id, generation, mc_id)
-        if isinstance(mh_assignments, bytes):
-            payload = mh_assignments
-        else:
-            payload = json.dumps(
-                [dict(a) for a in mh_assignments], separators=(",", ":"), sort_keys=True
-            ).encode()
-        reply = await self._run(meeting_id, "claim", generation, mc_id, [payload])
-        return _result(ClaimOutcome, reply)
+        op = self._claim_op(meeting_id, generation, mc_id, mh_assignments, _Waiter(1))
+        await self._submit([op])
+        return _raise_or_result(ClaimOutcome, op)
 
     async def release(self, meeting_id: str, generation: int, mc_id: str) -> ReleaseResult:
         """Delete the meeting's state if ``mc_id`` owns it at ``generation``
@@ -265,10 +450,13 @@ class MeetingStateStore:
         below is still :attr:`~ClaimOutcome.FENCED_OUT`. Releasing an already
         released generation again is :attr:`~ReleaseOutcome.RELEASED`."""
         _validate_common(meeting_id, generation, mc_id)
-        reply = await self._run(
-            meeting_id, "release", generation, mc_id, [str(self._tombstone_ttl_ms).encode()]
+        op = _Op(
+            self.keys(meeting_id),
+            ["release", str(generation), mc_id, self._tombstone_ttl],
+            _Waiter(1),
         )
-        return _result(ReleaseOutcome, reply)
+        await self._submit([op])
+        return _raise_or_result(ReleaseOutcome, op)
 
     async def write(
         self,
@@ -279,20 +467,34 @@ class MeetingStateStore:
     ) -> WriteResult:
         """Set ``fields`` in the meeting's state hash, only if ``mc_id`` owns
         the meeting at exactly ``generation`` (claimed and not released)."""
-        _validate_common(meeting_id, generation, mc_id)
-        if not fields:
-            raise InvalidArgument("fields", "must not be empty")
-        args: list[bytes] = []
-        for name, value in fields.items():
-            if not name:
-                raise InvalidArgument("fields", "names must not be empty")
-            args += [name.encode(), value if isinstance(value, bytes) else value.encode()]
-        reply = await self._run(meeting_id, "write", generation, mc_id, args)
-        return _result(WriteOutcome, reply)
+        op = self._write_op(meeting_id, generation, mc_id, fields, _Waiter(1))
+        await self._submit([op])
+        return _raise_or_result(WriteOutcome, op)
+
+    async def claim_many(
+        self, mc_id: str, claims: Sequence[ClaimItem]
+    ) -> list[ClaimResult | MeetingStateError]:
+        """:meth:`claim` for many meetings at once (queued together, so they
+        share pipelines): per claim, its result or its error - one failed
+        claim does not fail the others. Inputs are validated first (any bad
+        one raises :class:`InvalidArgument` before anything is sent)."""
+        waiter = _Waiter(len(claims))
+        ops = [self._claim_op(m, g, mc_id, mh, waiter) for m, g, mh in claims]
+        await self._submit(ops)
+        return [_result_or_error(ClaimOutcome, op) for op in ops]
+
+    async def write_many(
+        self, mc_id: str, writes: Sequence[WriteItem]
+    ) -> list[WriteResult | MeetingStateError]:
+        """:meth:`write` for many meetings at once, as :meth:`claim_many`."""
+        waiter = _Waiter(len(writes))
+        ops = [self._write_op(m, g, mc_id, fields, waiter) for m, g, fields in writes]
+        await self._submit(ops)
+        return [_result_or_error(WriteOutcome, op) for op in ops]
 
     async def read(self, meeting_id: str) -> MeetingState:
         """The meeting's stored state (for tests and operators; not fenced,
-        and not one atomic snapshot of the four keys)."""
+        not batched, and not one atomic snapshot of the four keys)."""
         if not _MEETING_ID_RE.fullmatch(meeting_id):
             raise InvalidArgument(
                 "meeting_id", "must be 1-255 printable ASCII characters without '{' or '}'"
@@ -301,10 +503,8 @@ class MeetingStateStore:
         try:
             values = await self._client.mget([gen_key, owner_key, mh_key])
             state = await self._client.hgetall(state_key)
-        except _UNAVAILABLE as exc:
-            raise RedisUnavailable(f"Redis unavailable: {exc}") from exc
-        except coredis.exceptions.RedisError as exc:
-            raise MeetingStateError(f"reading meeting state failed: {exc}") from exc
+        except _REDIS_ERRORS as exc:
+            raise _translated(exc, "reading meeting state") from exc
         gen, owner, mh = (None if v is None else _bytes(v) for v in values)
         return MeetingState(
             generation=None if gen is None else int(gen),
@@ -313,33 +513,166 @@ class MeetingStateStore:
             state={_bytes(k): _bytes(v) for k, v in state.items()},
         )
 
+    # -- internals -----------------------------------------------------------
+
+    def _claim_op(
+        self,
+        meeting_id: str,
+        generation: int,
+        mc_id: str,
+        mh_assignments: Sequence[Mapping[str, Any]] | bytes,
+        waiter: _Waiter,
+    ) -> _Op:
+        _validate_common(meeting_id, generation, mc_id)
+        if isinstance(mh_assignments, bytes):
+            payload = mh_assignments
+        else:
+            payload = json.dumps(
+                [dict(a) for a in mh_assignments], separators=(",", ":"), sort_keys=True
+            ).encode()
+        return _Op(self.keys(meeting_id), ["claim", str(generation), mc_id, payload], waiter)
+
+    def _write_op(
+        self,
+        meeting_id: str,
+        generation: int,
+        mc_id: str,
+        fields: Mapping[str, str | bytes],
+        waiter: _Waiter,
+    ) -> _Op:
+        _validate_common(meeting_id, generation, mc_id)
+        if not fields:
+            raise InvalidArgument("fields", "must not be empty")
+        args: list[str | bytes] = ["write", str(generation), mc_id]
+        for name, value in fields.items():
+            if not name:
+                raise InvalidArgument("fields", "names must not be empty")
+            args += [name.encode(), value if isinstance(value, bytes) else value.encode()]
+        return _Op(self.keys(meeting_id), args, waiter)
+
+    async def _submit(self, ops: list[_Op]) -> None:
+        """Queue ``ops`` for the batcher and wait until each has its answer.
+
+        A cancelled caller leaves at once; its operations still queued are
+        skipped by the batcher, and nobody else is affected.
+        """
+        if not self._running:
+            raise StoreNotRunning(
+                "the meeting state store's batcher is not running (start MeetingStateStore.run)"
+            )
+        if not ops:
+            return
+        waiter = ops[0].waiter
+        self._queue.extend(ops)
+        if self._wakeup is not None:
+            self._wakeup.set()
+        try:
+            await waiter.done.wait()
+        finally:
+            if not waiter.done.is_set():
+                waiter.abandoned = True
+
+    def _take_batch(self) -> list[_Op]:
+        """Up to ``max_batch`` queued operations, in order, skipping those of
+        cancelled callers."""
+        queue = self._queue
+        batch: list[_Op] = []
+        while queue and len(batch) < self._max_batch:
+            op = queue.popleft()
+            if not op.waiter.abandoned:
+                batch.append(op)
+        return batch
+
+    async def _send_batch(self, batch: list[_Op]) -> None:
+        """Send one batch and settle every operation in it. Raises nothing
+        but cancellation: Redis trouble becomes the operations' errors."""
+        statistics = self._statistics
+        statistics.batches += 1
+        statistics.operations += len(batch)
+        statistics.largest_batch = max(statistics.largest_batch, len(batch))
+        failure: tuple[type[MeetingStateError], str, BaseException | None] | None = None
+        try:
+            with trio.fail_after(self._batch_timeout_s):
+                await self._pipeline(batch, retry=False)
+                refused = [op for op in batch if op.noscript]
+                if refused:
+                    # Redis lost its script cache (restart, failover, SCRIPT
+                    # FLUSH): load once for the batch and retry exactly the
+                    # refused operations, once - the others are done, and a
+                    # second NOSCRIPT is not a cache miss but a bug.
+                    statistics.noscript_reloads += 1
+                    statistics.noscript_retried += len(refused)
+                    await self._load()
+                    await self._pipeline(refused, retry=True)
+        except trio.TooSlowError as exc:
+            message = f"Redis unavailable: no answer within {self._batch_timeout_s:g} s"
+            failure = (RedisUnavailable, message, exc)
+        except _REDIS_ERRORS as exc:
+            translated = _translated(exc, "fencing script")
+            failure = (type(translated), str(translated), exc)
+        except Exception as exc:
+            # A bug (here or in coredis) must fail this batch's callers, as it
+            # would have failed each of them without batching - not the
+            # batcher, which serves every meeting of the MC.
+            log.exception("meeting_state_batch_failed")
+            failure = (MeetingStateError, f"fencing script failed: {exc!r}", exc)
+        if failure is not None:
+            kind, message, cause = failure
+            for op in batch:
+                if not op.settled:
+                    # One instance per caller: an exception object raised in
+                    # several tasks would collect all their tracebacks.
+                    error = kind(message)
+                    error.__cause__ = cause
+                    op.fail(error)
+
+    async def _pipeline(self, ops: list[_Op], *, retry: bool) -> None:
+        """One pipeline of ``EVALSHA`` for ``ops`` on a pooled connection;
+        settles each operation except those refused with
+        ``NOSCRIPT`` on the first try (marked for the retry). Raises what
+        fails the pipeline as a whole."""
+        commands: list[CommandRequest[Any]] = [
+            CommandRequest(
+                CommandName.EVALSHA,
+                FENCING_SHA,
+                len(op.keys),
+                *op.keys,
+                *op.args,
+                execution_parameters={},
+            )
+            for op in ops
+        ]
+        # A pipeline is one request batch on one connection - what
+        # coredis's ``Redis.pipeline()`` sends too, minus its per-batch
+        # context managers, telemetry hooks and per-command wrappers: about
+        # 90 µs less CPU per batch on trio, the bulk of a batch of one (a
+        # lone claim: 444 µs through ``pipeline()``, 356 µs this way; 41
+        # against 26 µs per operation in batches of 64). The connection goes
+        # back to the pool before the answers are awaited, as coredis does
+        # for its own commands: a connection lost while leased would
+        # otherwise cost the pool one of its slots for good.
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            request = connection.create_request_batch(commands)
+        finally:
+            pool.release(connection)
+        replies = await request
+        if len(replies) != len(ops):
+            raise MeetingStateError(f"pipeline answered {replies!r} for {len(ops)} operations")
+        for op, reply in zip(ops, replies, strict=True):
+            if isinstance(reply, coredis.exceptions.NoScriptError) and not retry:
+                op.noscript = True
+            elif isinstance(reply, BaseException):
+                op.fail(_translated(reply, "fencing script"))
+            else:
+                op.resolve(reply)
+
     async def _load(self) -> None:
         self._statistics.script_loads += 1
         sha = _text(await self._client.script_load(FENCING_SCRIPT))
         if sha != FENCING_SHA:
             raise MeetingStateError(f"SCRIPT LOAD returned {sha}, expected {FENCING_SHA}")
-
-    async def _run(
-        self, meeting_id: str, op: str, generation: int, mc_id: str, extra: list[bytes]
-    ) -> list[str]:
-        keys = self.keys(meeting_id)
-        args: list[str | bytes] = [op, str(generation), mc_id, *extra]
-        try:
-            try:
-                reply = await self._client.evalsha(FENCING_SHA, keys, args)
-            except coredis.exceptions.NoScriptError:
-                # Redis lost its script cache (restart, failover, SCRIPT FLUSH).
-                # Retry once only: a second NOSCRIPT is not a cache miss but a bug.
-                self._statistics.noscript_reloads += 1
-                await self._load()
-                reply = await self._client.evalsha(FENCING_SHA, keys, args)
-        except _UNAVAILABLE as exc:
-            raise RedisUnavailable(f"Redis unavailable: {exc}") from exc
-        except coredis.exceptions.RedisError as exc:
-            raise MeetingStateError(f"fencing script failed: {exc}") from exc
-        if not isinstance(reply, list | tuple) or len(reply) != 5:
-            raise MeetingStateError(f"fencing script: unexpected reply {reply!r}")
-        return [_text(v) for v in reply]
 
 
 def _bytes(value: object) -> bytes:
@@ -348,6 +681,27 @@ def _bytes(value: object) -> bytes:
     if isinstance(value, str):
         return value.encode()
     raise MeetingStateError(f"unexpected reply element {value!r}")
+
+
+def _reply_fields(reply: object) -> list[str]:
+    if not isinstance(reply, list | tuple) or len(reply) != 5:
+        raise MeetingStateError(f"fencing script: unexpected reply {reply!r}")
+    return [_text(v) for v in reply]
+
+
+def _raise_or_result(kind: type[OutcomeT], op: _Op) -> FenceResult[OutcomeT]:
+    if op.error is not None:
+        raise op.error
+    return _result(kind, _reply_fields(op.reply))
+
+
+def _result_or_error(kind: type[OutcomeT], op: _Op) -> FenceResult[OutcomeT] | MeetingStateError:
+    if op.error is not None:
+        return op.error
+    try:
+        return _result(kind, _reply_fields(op.reply))
+    except MeetingStateError as exc:
+        return exc
 
 
 def _result(kind: type[OutcomeT], reply: list[str]) -> FenceResult[OutcomeT]:
