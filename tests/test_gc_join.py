@@ -5,6 +5,7 @@ refuse with each reason, fail or drop the connection. Flow-level tests drive
 :class:`JoinService` directly with a deterministic "random" source (the
 candidate order decides who is asked first); the HTTP tests go through a
 whole GC in-process (:func:`gc_harness.running_gc`) the way a client does.
+The fleet set-up helpers are in :mod:`gc_fleet`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -20,186 +21,39 @@ import httpx
 import jwt
 import pytest
 import trio
+from gc_fleet import (
+    ORG,
+    add_mc,
+    add_mh,
+    assignment_rows,
+    fakes,
+    fetch,
+    held_leases,
+    join,
+    join_service,
+    load_of,
+    new_meeting,
+)
 from gc_harness import DevKeys, RunningGc, gc_environ, running_gc
 from grpclib.const import Status
-from mc_fakes import ACCEPT, DISCONNECT, Behaviour, Fail, FakeMc, Reject, fake_mc
+from mc_fakes import ACCEPT, DISCONNECT, Behaviour, Fail, FakeMc, Reject
 
 from darktower.gc.join_errors import MeetingNotFound, ServiceUnavailable
-from darktower.gc.join_flow import JoinResult, JoinService
-from darktower.gc.mc_client import McClient
+from darktower.gc.join_flow import JoinResult
 from darktower.gc.metrics import ASSIGNMENT_RETRIES, MC_RPCS
-from darktower.gc.registry_requests import (
-    McHeartbeat,
-    McRegistration,
-    MhLoadReport,
-    MhRegistration,
-)
-from darktower.gc.repositories import media_handlers, meeting_controllers, meetings
 from darktower.protos import internal_pb2 as pb
 from darktower.shared import tokens
 from darktower.shared.seam import run_aio
 
 pytest_plugins = ("gc_fixtures",)  # keys
 
-ORG = uuid.UUID("11111111-1111-4111-8111-111111111111")
 OTHER_ORG = uuid.UUID("22222222-2222-4222-8222-222222222222")
-
-
-class FirstChoice(random.Random):
-    """Always draws the first candidate (the least loaded): which MC is asked
-    first is then fixed by the load the test sets, not by chance."""
-
-    def random(self) -> float:
-        return 0.0
-
-
-# --- fleet helpers ---------------------------------------------------------------------------
-
-
-async def add_mc(
-    pool: asyncpg.Pool,
-    controller_id: str,
-    endpoint: str,
-    *,
-    region: str = "local",
-    meetings_now: int = 0,
-    max_meetings: int = 100,
-    health: str = "healthy",
-) -> None:
-    await run_aio(
-        meeting_controllers.register,
-        pool,
-        McRegistration(
-            controller_id=controller_id,
-            region=region,
-            grpc_endpoint=endpoint,
-            webtransport_endpoint=f"https://{controller_id}.example:4433",
-            max_meetings=max_meetings,
-            max_participants=10_000,
-        ),
-    )
-    await run_aio(
-        meeting_controllers.heartbeat_batch,
-        pool,
-        [
-            McHeartbeat(
-                controller_id=controller_id,
-                current_meetings=meetings_now,
-                current_participants=0,
-                health=health,
-                cpu_usage_percent=None,
-                memory_usage_percent=None,
-            )
-        ],
-    )
-
-
-async def add_mh(
-    pool: asyncpg.Pool,
-    handler_id: str,
-    *,
-    zone: str = "zone-a",
-    streams: int = 0,
-    health: str = "healthy",
-    region: str = "local",
-) -> None:
-    await run_aio(
-        media_handlers.register,
-        pool,
-        MhRegistration(
-            handler_id=handler_id,
-            region=region,
-            zone=zone,
-            webtransport_endpoint=f"https://{handler_id}.example:4434",
-            grpc_endpoint=f"http://{handler_id}.example:50060",
-            max_streams=100,
-        ),
-    )
-    await run_aio(
-        media_handlers.load_report,
-        pool,
-        MhLoadReport(
-            handler_id=handler_id,
-            current_streams=streams,
-            health=health,
-            cpu_usage_percent=0.0,
-            memory_usage_percent=0.0,
-            bandwidth_usage_percent=0.0,
-        ),
-    )
-
-
-async def new_meeting(pool: asyncpg.Pool, *, org: uuid.UUID = ORG, guests: bool = False) -> str:
-    row = await run_aio(
-        meetings.create,
-        pool,
-        org_id=org,
-        created_by="user-1",
-        display_name="Standup",
-        allow_guests=guests,
-        max_participants=100,
-    )
-    return row.meeting_code
-
-
-async def fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await run_aio(pool.fetch, sql, *args)
-    return rows
-
-
-async def assignment_rows(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    return await fetch(pool, "SELECT * FROM meeting_assignments ORDER BY assigned_at")
-
-
-async def load_of(pool: asyncpg.Pool, controller_id: str) -> int:
-    value: int = await run_aio(
-        pool.fetchval,
-        "SELECT current_meetings FROM meeting_controllers WHERE controller_id = $1",
-        controller_id,
-    )
-    return value
 
 
 @pytest.fixture
 def gc_token(keys: DevKeys) -> str:
     """The GC service token of the flow-level tests (the fakes insist on it)."""
     return keys.gc_token()
-
-
-@asynccontextmanager
-async def fakes(token: str | None, *behaviours: Behaviour) -> AsyncIterator[list[FakeMc]]:
-    """Fake MCs; with a ``token`` they refuse calls that do not present it."""
-    async with AsyncExitStack() as stack:
-        yield [
-            await stack.enter_async_context(fake_mc(b, expected_token=token)) for b in behaviours
-        ]
-
-
-@asynccontextmanager
-async def join_service(
-    pool: asyncpg.Pool, token: str, rng: random.Random | None = None
-) -> AsyncIterator[JoinService]:
-    client = McClient(token, rpc_timeout_s=5, connect_timeout_s=2)
-    try:
-        yield JoinService(
-            pool,
-            client,
-            gc_id="gc-test",
-            region="local",
-            stale_after_s=30,
-            lease_ttl_s=35,
-            rng=rng or FirstChoice(),
-        )
-    finally:
-
-        async def close() -> None:
-            client.close()
-
-        await run_aio(close)
-
-
-async def join(service: JoinService, code: str, org: uuid.UUID | None = ORG) -> JoinResult:
-    return await run_aio(service.join, code, org)
 
 
 def counter(metric: Any, *labels: str) -> float:
@@ -442,10 +296,7 @@ async def test_three_refusals_are_503_and_leave_no_assignment(
         assert never.requests == []  # three attempts in total
         assert await assignment_rows(db_pool) == []
         # The lease went back: the next join starts at once.
-        assert (
-            await fetch(db_pool, "SELECT * FROM meeting_assignment_leases WHERE holder IS NOT NULL")
-            == []
-        )
+        assert await held_leases(db_pool) == []
         assert [await load_of(db_pool, m) for m in ("mc-a", "mc-b", "mc-c")] == [1, 2, 3]
 
 

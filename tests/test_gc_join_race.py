@@ -36,6 +36,7 @@ import coredis
 import httpx
 import pytest
 import trio
+from gc_fleet import add_mc, add_mh
 from gc_harness import (
     DevKeys,
     gc_clients,
@@ -50,13 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from darktower.gc.join_flow import JoinResult, JoinService
 from darktower.gc.mc_client import McClient
-from darktower.gc.registry_requests import (
-    McHeartbeat,
-    McRegistration,
-    MhLoadReport,
-    MhRegistration,
-)
-from darktower.gc.repositories import media_handlers, meeting_controllers, meetings
+from darktower.gc.repositories import meetings
 from darktower.mc.repositories.meeting_state import MeetingStateStore
 from darktower.protos import internal_pb2 as pb
 from darktower.shared import tokens
@@ -524,46 +519,6 @@ HERD_IN_FLIGHT = 20
 HERD_MAX_RATIO = 1.5
 
 
-async def add_mc(pool: asyncpg.Pool, controller_id: str, endpoint: str) -> None:
-    await run_aio(
-        meeting_controllers.register,
-        pool,
-        McRegistration(
-            controller_id=controller_id,
-            region=REGION,
-            grpc_endpoint=endpoint,
-            webtransport_endpoint=f"https://{controller_id}.example:4433",
-            max_meetings=HERD_MAX_MEETINGS,
-            max_participants=100_000,
-        ),
-    )
-    heartbeat = McHeartbeat(
-        controller_id=controller_id, current_meetings=0, current_participants=0,
-        health="healthy", cpu_usage_percent=None, memory_usage_percent=None,
-    )  # fmt: skip
-    await run_aio(meeting_controllers.heartbeat_batch, pool, [heartbeat])
-
-
-async def add_mh(pool: asyncpg.Pool, handler_id: str, zone: str) -> None:
-    await run_aio(
-        media_handlers.register,
-        pool,
-        MhRegistration(
-            handler_id=handler_id,
-            region=REGION,
-            zone=zone,
-            webtransport_endpoint=f"https://{handler_id}.example:4434",
-            grpc_endpoint=f"http://{handler_id}.example:50060",
-            max_streams=100_000,
-        ),
-    )
-    report = MhLoadReport(
-        handler_id=handler_id, current_streams=0, health="healthy",
-        cpu_usage_percent=0.0, memory_usage_percent=0.0, bandwidth_usage_percent=0.0,
-    )  # fmt: skip
-    await run_aio(media_handlers.load_report, pool, report)
-
-
 @asynccontextmanager
 async def equal_fake_mcs(pool: asyncpg.Pool) -> AsyncIterator[dict[str, FakeMc]]:
     """Three equal, empty, accepting fake MCs and two MHs, registered and
@@ -571,9 +526,15 @@ async def equal_fake_mcs(pool: asyncpg.Pool) -> AsyncIterator[dict[str, FakeMc]]
     async with AsyncExitStack() as stack:
         fakes = {f"mc-{i}": await stack.enter_async_context(fake_mc(ACCEPT)) for i in range(3)}
         for controller_id, fake in fakes.items():
-            await add_mc(pool, controller_id, fake.endpoint)
-        await add_mh(pool, "mh-a", "zone-a")
-        await add_mh(pool, "mh-b", "zone-b")
+            await add_mc(
+                pool,
+                controller_id,
+                fake.endpoint,
+                max_meetings=HERD_MAX_MEETINGS,
+                max_participants=100_000,
+            )
+        await add_mh(pool, "mh-a", zone="zone-a", max_streams=100_000)
+        await add_mh(pool, "mh-b", zone="zone-b", max_streams=100_000)
         yield fakes
 
 

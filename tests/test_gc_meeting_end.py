@@ -6,12 +6,11 @@ Ages are produced by back-dating rows on the database clock, never by waiting.
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
 import pytest
+from gc_fleet import ended_at, insert_assignment
 from gc_harness import DevKeys, GcClients, RunningGc, mc_registration, metadata, mh_registration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -43,48 +42,6 @@ async def register(clients: GcClients, keys: DevKeys, *mc_ids: str) -> None:
         clients.mh.RegisterMH, mh_registration("mh-1"), metadata=metadata(keys.mh_token("mh-1"))
     )
     assert mh_response.accepted
-
-
-async def insert_assignment(
-    pool: asyncpg.Pool,
-    controller_id: str,
-    *,
-    region: str = "local",
-    ended_ago: timedelta | None = None,
-    assigned_ago: timedelta = timedelta(0),
-) -> uuid.UUID:
-    """An assignment row as the record statement leaves it (plus its meeting)."""
-    meeting_id = uuid.uuid4()
-    await run_aio(
-        pool.execute,
-        "INSERT INTO meetings (meeting_id, org_id, meeting_code, display_name, created_by,"
-        " last_active_at) VALUES ($1, $2, $3, 'm', 'u', now() - $4::interval)",
-        meeting_id,
-        uuid.uuid4(),
-        "c-" + meeting_id.hex[:12],
-        assigned_ago,
-    )
-    await run_aio(
-        pool.execute,
-        "INSERT INTO meeting_assignments (meeting_id, region, meeting_controller_id, generation,"
-        " assigned_at, assigned_by_gc_id, ended_at, primary_mh_id)"
-        " VALUES ($1, $2, $3, nextval('meeting_generation_seq'), now() - $4::interval, 'gc-x',"
-        " now() - $5::interval, 'mh-1')",
-        meeting_id,
-        region,
-        controller_id,
-        assigned_ago,
-        ended_ago,
-    )
-    return meeting_id
-
-
-async def ended_at(pool: asyncpg.Pool, meeting_id: uuid.UUID) -> Any:
-    return await run_aio(
-        pool.fetchval,
-        "SELECT ended_at FROM meeting_assignments WHERE meeting_id = $1",
-        meeting_id,
-    )
 
 
 async def current_meetings(pool: asyncpg.Pool, controller_id: str) -> int:
