@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from darktower.cli import bench_cmd, db_cmd, join_cmd, keys_cmd, status_cmd, token_cmd, up_cmd
+from darktower.cli import (
+    bench_cmd,
+    db_cmd,
+    join_cmd,
+    keys_cmd,
+    mh_sim_cmd,
+    status_cmd,
+    token_cmd,
+    up_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_cmd.add_parser(subparsers)
     status_cmd.add_parser(subparsers)
     join_cmd.add_parser(subparsers)
+    mh_sim_cmd.add_parser(subparsers)
     bench_cmd.add_parser(subparsers)
     return parser
 

@@ -9,8 +9,8 @@ The run, in one process tree on loopback:
 2. a throwaway signing key and JWKS (standing in for the AC): user tokens
    (one org, a few users), the GC's service token, MC and MH tokens;
 3. **the stack**: the real ``python -m darktower.gc``; simulated MHs
-   registering and reporting load over gRPC from a process of the load
-   generator (:mod:`.join_loadgen`, mode ``mhs``; two MHs in two zones);
+   registering and reporting load over gRPC from a ``dt mh-sim`` process
+   (:mod:`darktower.cli.mh_sim`; two idle MHs in two zones);
    ``--mcs`` real ``python -m darktower.mc`` processes registering
    themselves and accepting assignments over real gRPC, with Redis fencing.
    Heartbeats and load reports every second so the fleet turns healthy at
@@ -74,6 +74,7 @@ import coredis.exceptions
 import psutil
 import trio
 
+from darktower.cli import mh_sim_cmd
 from darktower.cli.bench import database
 from darktower.cli.bench.assign import _redacted, _redis_facts, _run_async
 from darktower.cli.bench.join_loadgen import JoinLoadConfig, open_loop_counts
@@ -118,8 +119,12 @@ MAX_ERROR_FRACTION = 0.001
 
 GC_ID = "gc-bench"
 MC_ID_PREFIX = "mc-bench-join-"
-MH_IDS = ("mh-bench-join-a", "mh-bench-join-b")
+MH_ID_PREFIX = "mh-bench-join-"
+MH_COUNT = 2
 MH_ZONES = ("zone-a", "zone-b")
+#: Idle MHs of huge capacity: the MHs never limit the joins measured.
+MH_MAX_STREAMS = 1_000_000
+MH_LOAD = "constant:0"
 #: Users (tokens) the joins are spread over, all of one org.
 USERS = 20
 #: Never reached: every first join of a run stays hosted.
@@ -406,28 +411,27 @@ def _stack(run: _Run) -> Iterator[tuple[_Server, dict[str, Any]]]:
         stack.callback(stop_and_report, gc, "GC")
         wait_http_ok(gc, f"http://127.0.0.1:{http_port}/health/ready", _GC_READY_TIMEOUT_S)
 
-        mh_tokens = [
-            tokens.mint_mh_token(run.keys.private_key, kid=run.keys.kid, mh_id=mh_id)
-            for mh_id in MH_IDS
-        ]
-        mhs = _start_job(
-            run,
-            "mhs",
-            JoinLoadConfig(
-                mode="mhs",
-                host="127.0.0.1",
-                port=grpc_port,
-                tokens=mh_tokens,
-                mh_ids=list(MH_IDS),
-                mh_zones=list(MH_ZONES),
-                ready_timeout_s=_HEALTHY_TIMEOUT_S,
+        mhs = Child.start(
+            "mh-sim",
+            mh_sim_cmd.command(
+                gc_url=f"http://127.0.0.1:{grpc_port}",
+                count=MH_COUNT,
+                keys_dir=run.keys.directory,
+                id_prefix=MH_ID_PREFIX,
+                zones=MH_ZONES,
+                load=MH_LOAD,
+                max_streams=MH_MAX_STREAMS,
+                log_level="WARNING",
             ),
+            env=run.base_env(),
+            log_dir=run.workdir,
+            json_stdout=True,
         )
         stack.callback(stop_and_report, mhs, "simulated MHs")
         ready = mhs.next_line(time.monotonic() + _HEALTHY_TIMEOUT_S + _LOADGEN_SLACK_S)
         if ready.get("event") != "ready":
             raise BenchError(f"simulated MHs did not report ready: {ready}")
-        progress(f"simulated MHs: {len(MH_IDS)} registered and healthy")
+        progress(f"simulated MHs: {MH_COUNT} registered and healthy")
 
         progress(f"MCs (python -m darktower.mc): starting {run.options.mcs}")
         mcs: list[tuple[Child, str]] = []
@@ -802,7 +806,7 @@ def _settings(options: JoinOptions) -> dict[str, object]:
         "saturation_conns": options.concurrency,
         "rejoin_meetings": options.meetings,
         "mcs": options.mcs,
-        "mhs": len(MH_IDS),
+        "mhs": MH_COUNT,
         "users": USERS,
         "max_conns": options.max_connections,
     }

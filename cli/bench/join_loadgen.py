@@ -26,10 +26,8 @@ One process runs one *job* (``mode`` in the config file):
   digits); the warm-up before it is discarded.
 * ``closed`` - saturation: ``concurrency`` connections each sending the next
   re-join as soon as the previous one answered (:func:`.loadgen.measure_closed_loop`).
-* ``mhs`` - simulated media handlers: register ``mh_ids`` over gRPC
-  (``RegisterMH`` with each MH's token), report load every interval the GC
-  hands out (``SendLoadReport``; registering again on ``NOT_FOUND``) until
-  SIGTERM. ``{"event": "ready"}`` once every MH's first report was taken.
+
+(The bench's simulated MHs are ``dt mh-sim``, :mod:`darktower.cli.mh_sim`.)
 
 Every request carries a user token (round-robin over ``tokens``) exactly as
 a client would; the floor ignores it. JSON lines on stdout as the other
@@ -42,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 import time
 from collections import Counter
@@ -52,16 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import h11
-from grpclib.client import Channel
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 from hdrh.histogram import HdrHistogram
 
 from darktower.cli.bench.loadgen import _emit, _error_name, measure_closed_loop
-from darktower.protos import internal_grpc
-from darktower.protos import internal_pb2 as pb
 
-MODES = ("create", "probe", "open", "closed", "mhs")
+MODES = ("create", "probe", "open", "closed")
 #: Latencies in µs between 1 µs and one minute, three significant digits.
 _HISTOGRAM_MAX_US = 60_000_000
 #: The first intended send time is this far ahead of the schedule's start,
@@ -71,9 +63,6 @@ _READ_CHUNK = 65536
 _CREATE_ATTEMPTS = 3
 _PROBE_INTERVAL_S = 0.1
 _JOIN_PATH = "/api/v1/meetings/"
-#: Where the simulated MHs claim to be (the GC stores them, nobody dials them).
-MH_REGION = "local"
-MH_MAX_STREAMS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +84,6 @@ class JoinLoadConfig:
     duration_s: float = 0.0
     timeout_s: float = 5.0
     ready_timeout_s: float = 60.0
-    mh_ids: list[str] = field(default_factory=list)
-    mh_zones: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> JoinLoadConfig:
@@ -112,8 +99,6 @@ class JoinLoadConfig:
             raise ValueError("open loop needs a positive rate and codes")
         if config.mode == "closed" and not config.codes:
             raise ValueError("closed loop needs codes")
-        if config.mode == "mhs" and len(config.mh_ids) != len(config.tokens):
-            raise ValueError("one token per MH")
         return config
 
     def dump(self, path: Path) -> None:
@@ -532,103 +517,6 @@ async def _closed(config: JoinLoadConfig, client: Client) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------
-# Simulated media handlers
-
-
-def mh_registration(mh_id: str, zone: str, index: int) -> pb.RegisterMHRequest:
-    return pb.RegisterMHRequest(
-        handler_id=mh_id,
-        region=MH_REGION,
-        webtransport_endpoint=f"https://127.0.0.1:{4500 + index}",
-        grpc_endpoint=f"http://127.0.0.1:{4600 + index}",
-        max_streams=MH_MAX_STREAMS,
-        zone=zone,
-    )
-
-
-class SimulatedMhs:
-    """Media handlers that register and report an idle, healthy load."""
-
-    def __init__(
-        self, config: JoinLoadConfig, stub: internal_grpc.MediaHandlerRegistryServiceStub
-    ) -> None:
-        self._config = config
-        self._stub = stub
-        self._metadata = [(("authorization", f"Bearer {t}"),) for t in config.tokens]
-        self.interval_s = 1.0
-        self.errors: Counter[str] = Counter()
-
-    async def register(self, index: int) -> None:
-        config = self._config
-        zone = config.mh_zones[index] if index < len(config.mh_zones) else ""
-        response = await self._stub.RegisterMH(
-            mh_registration(config.mh_ids[index], zone, index),
-            timeout=config.timeout_s,
-            metadata=self._metadata[index],
-        )
-        if not response.accepted:
-            raise SystemExit(f"RegisterMH refused: {response.message}")
-        self.interval_s = response.load_report_interval_ms / 1000.0 or self.interval_s
-
-    async def report(self, index: int) -> bool:
-        """One load report (registering again if the GC forgot the MH)."""
-        request = pb.MHLoadReportRequest(
-            handler_id=self._config.mh_ids[index],
-            current_streams=0,
-            health=pb.HEALTHY,
-            cpu_usage_percent=5.0,
-            memory_usage_percent=10.0,
-            bandwidth_usage_percent=1.0,
-        )
-        try:
-            response = await self._stub.SendLoadReport(
-                request, timeout=self._config.timeout_s, metadata=self._metadata[index]
-            )
-        except GRPCError as exc:
-            self.errors[exc.status.name] += 1
-            if exc.status is Status.NOT_FOUND:
-                await self.register(index)
-            return False
-        except (TimeoutError, OSError) as exc:
-            self.errors[_error_name(exc)] += 1
-            return False
-        return bool(response.acknowledged)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        indices = range(len(self._config.mh_ids))
-        for index in indices:
-            await self.register(index)
-        deadline = time.monotonic() + self._config.ready_timeout_s
-        pending = set(indices)
-        while pending:
-            pending = {index for index in pending if not await self.report(index)}
-            if pending and time.monotonic() > deadline:
-                raise SystemExit(f"load reports not acknowledged: {dict(self.errors)}")
-            if pending:
-                await asyncio.sleep(_PROBE_INTERVAL_S)
-        _emit("ready", interval_s=self.interval_s)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            if not stop.is_set():
-                for index in indices:
-                    await self.report(index)
-        _emit("result", errors=dict(self.errors))
-
-
-async def _mhs(config: JoinLoadConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    channel = Channel(config.host, config.port)
-    try:
-        await SimulatedMhs(config, internal_grpc.MediaHandlerRegistryServiceStub(channel)).run(stop)
-    finally:
-        channel.close()
-
-
-# --------------------------------------------------------------------------
 
 
 _JOBS: dict[str, Callable[[JoinLoadConfig, Client], Awaitable[dict[str, object]]]] = {
@@ -640,9 +528,6 @@ _JOBS: dict[str, Callable[[JoinLoadConfig, Client], Awaitable[dict[str, object]]
 
 
 async def run(config: JoinLoadConfig) -> None:
-    if config.mode == "mhs":
-        await _mhs(config)
-        return
     limit = config.concurrency if config.mode in ("create", "closed") else config.max_connections
     client = Client(config, limit)
     try:

@@ -1,0 +1,709 @@
+"""Simulated Media Handlers: the MH's control-plane face (SPEC §1, §3, §6.1).
+
+A real MH forwards media and is outside this project; what the GC sees of it
+is two RPCs of ``MediaHandlerRegistryService``: ``RegisterMH`` once, then
+``SendLoadReport`` at the interval the GC returned. This module speaks exactly
+that, for any number of MHs from one process, so ``dt up``, the tests and the
+benchmarks get a realistic fleet without media servers (``dt mh-sim``,
+:mod:`darktower.cli.mh_sim_cmd`, is its command line).
+
+One trio task per MH, modelled on the MC's GC task (:mod:`darktower.mc.gc_task`):
+
+* **Register, then report.** A report is sent right after every
+  (re-)registration, so the GC sees the MH healthy (and selectable) without
+  waiting an interval; then one every ``load_report_interval_ms`` the GC
+  returned (10 s when it says 0). Ticks missed while a call was in flight
+  are skipped, never replayed.
+* **NOT_FOUND** on a report means the GC forgot the MH (its row was deleted,
+  or another database): register again at once, then report.
+* **Never exits on GC trouble.** Registration is retried forever with the
+  MC's backoff (1 s, 2 s, 4 s ... capped at 30 s, jittered); a failed report
+  is retried after the same backoff, but never later than the regular
+  interval. Each failure is logged (one line: the MH, the RPC and the gRPC
+  status - never the token); only cancellation ends :meth:`SimulatedMh.run`.
+* **Load** follows a :class:`LoadPattern` over the simulator's own time
+  (``trio.current_time()``, so tests drive it with ``MockClock``): the load
+  fraction sets streams (of ``max_streams``), CPU and bandwidth.
+
+The gRPC side is grpclib on the asyncio loop that trio-asyncio runs; every
+call crosses the seam once (:func:`darktower.shared.seam.run_aio`), and every
+library failure leaves :class:`GrpcMhRegistry` as one of two exceptions,
+:class:`NotRegistered` or :class:`RegistryUnavailable`. Tests replace the
+client with a fake implementing :class:`MhRegistry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import NoReturn, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+import trio
+from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from darktower.mc.backoff import Backoff, Rng
+from darktower.protos import internal_grpc
+from darktower.protos import internal_pb2 as pb
+from darktower.shared import validation
+from darktower.shared.config import Secret
+from darktower.shared.keys import Ed25519PrivateKey
+from darktower.shared.logging import get_logger
+from darktower.shared.seam import run_aio
+from darktower.shared.tokens import SERVICE_TOKEN_TTL_S, mint_mh_token
+
+__all__ = [
+    "DEFAULT_ID_PREFIX",
+    "DEFAULT_MAX_STREAMS",
+    "DEFAULT_REGION",
+    "DEFAULT_REPORT_INTERVAL_S",
+    "DEFAULT_WEBTRANSPORT_BASE_PORT",
+    "DEFAULT_ZONES",
+    "GrpcMhRegistry",
+    "LoadPattern",
+    "MhFleet",
+    "MhRegistry",
+    "MhSpec",
+    "MhStatistics",
+    "MintedTokens",
+    "NotRegistered",
+    "RegistryError",
+    "RegistryUnavailable",
+    "SimulatedMh",
+    "StaticTokens",
+    "TokenSource",
+    "fleet_specs",
+    "gc_host_port",
+    "load_report",
+    "open_mh_registry",
+]
+
+log = get_logger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+DEFAULT_ID_PREFIX = "mh-sim-"
+DEFAULT_REGION = "local"
+DEFAULT_ZONES = ("zone-a", "zone-b")
+DEFAULT_MAX_STREAMS = 1000
+#: Used when the GC's answer leaves the interval at 0 (SPEC §6.1 default).
+DEFAULT_REPORT_INTERVAL_S = 10.0
+#: Where the simulated MHs claim to listen (the GC stores the endpoints and
+#: hands the WebTransport one to clients; nothing dials them). MH ``i``
+#: (0-based) gets ``base + i``.
+DEFAULT_WEBTRANSPORT_BASE_PORT = 4500
+_GRPC_PORT_OFFSET = 100
+CONNECT_TIMEOUT_S = 5.0
+REGISTER_TIMEOUT_S = 10.0
+REPORT_TIMEOUT_S = 5.0
+#: Added to an RPC's deadline for this module's own bound on the call.
+_CALL_SLACK_S = 1.0
+_CLOSE_TIMEOUT_S = 2.0
+_MAX_DETAIL = 200
+#: Memory in use at zero load and at full load (percent): a media server
+#: holds its buffers whatever the load.
+_IDLE_MEMORY_PCT = 10.0
+_FULL_MEMORY_PCT = 90.0
+
+
+# --------------------------------------------------------------------------
+# Load patterns
+
+_PATTERN_USAGE = {
+    "constant": "constant:LOAD",
+    "sine": "sine:MIN,MAX,PERIOD_S",
+    "ramp": "ramp:FROM,TO,SECONDS",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPattern:
+    """The load fraction (0..1) over time since the simulator started.
+
+    ``constant:V``; ``sine:MIN,MAX,PERIOD_S`` (starts at MIN, peaks at MAX
+    after half a period); ``ramp:FROM,TO,SECONDS`` (linear, then holds TO).
+    """
+
+    kind: str
+    params: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> LoadPattern:
+        """Raises :class:`ValueError` with a message naming the rule broken."""
+        kind, _, rest = text.strip().partition(":")
+        usage = _PATTERN_USAGE.get(kind)
+        if usage is None:
+            raise ValueError(f"load pattern must be one of {', '.join(_PATTERN_USAGE.values())}")
+        try:
+            params = tuple(float(part) for part in rest.split(","))
+        except ValueError:
+            raise ValueError(f"expected {usage} (numbers)") from None
+        if len(params) != usage.count(",") + 1 or not all(math.isfinite(p) for p in params):
+            raise ValueError(f"expected {usage} (finite numbers)")
+        loads = params if kind == "constant" else params[:2]
+        if not all(0.0 <= load <= 1.0 for load in loads):
+            raise ValueError(f"{kind}: loads are fractions of capacity, 0 to 1")
+        if kind != "constant" and params[2] <= 0:
+            raise ValueError(f"{kind}: the period or duration must be positive seconds")
+        return cls(kind, params)
+
+    def at(self, elapsed_s: float) -> float:
+        """The load ``elapsed_s`` seconds after the start (clamped to 0..1)."""
+        if self.kind == "constant":
+            load = self.params[0]
+        elif self.kind == "sine":
+            low, high, period = self.params
+            load = low + (high - low) * (1 - math.cos(2 * math.pi * elapsed_s / period)) / 2
+        else:
+            start, end, seconds = self.params
+            load = start + (end - start) * min(max(elapsed_s, 0.0) / seconds, 1.0)
+        return min(max(load, 0.0), 1.0)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{','.join(f'{p:g}' for p in self.params)}"
+
+
+# --------------------------------------------------------------------------
+# What an MH says
+
+
+@dataclass(frozen=True, slots=True)
+class MhSpec:
+    """One simulated MH: what it registers as."""
+
+    handler_id: str
+    region: str
+    zone: str
+    webtransport_endpoint: str
+    grpc_endpoint: str
+    max_streams: int
+
+    def registration(self) -> pb.RegisterMHRequest:
+        return pb.RegisterMHRequest(
+            handler_id=self.handler_id,
+            region=self.region,
+            webtransport_endpoint=self.webtransport_endpoint,
+            grpc_endpoint=self.grpc_endpoint,
+            max_streams=self.max_streams,
+            zone=self.zone,
+        )
+
+
+def fleet_specs(
+    count: int,
+    *,
+    id_prefix: str = DEFAULT_ID_PREFIX,
+    region: str = DEFAULT_REGION,
+    zones: Sequence[str] = DEFAULT_ZONES,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+    base_port: int = DEFAULT_WEBTRANSPORT_BASE_PORT,
+    host: str = "127.0.0.1",
+) -> list[MhSpec]:
+    """``count`` MHs ``<prefix>1`` ... ``<prefix>N``, zones round-robin,
+    distinct endpoints. Checked against the GC's own rules (SPEC §6.1), so a
+    bad option fails here with :class:`ValueError` naming it, not as an
+    ``INVALID_ARGUMENT`` retried for ever."""
+    if count < 1:
+        raise ValueError("count: must be at least 1")
+    zones = list(zones) or [""]
+    specs = []
+    for index in range(count):
+        port = base_port + index
+        if not 0 < port + _GRPC_PORT_OFFSET <= 65535:
+            raise ValueError("base port: the endpoints' ports must stay within 1-65535")
+        spec = MhSpec(
+            handler_id=f"{id_prefix}{index + 1}",
+            region=region,
+            zone=zones[index % len(zones)],
+            webtransport_endpoint=f"https://{host}:{port}",
+            grpc_endpoint=f"http://{host}:{port + _GRPC_PORT_OFFSET}",
+            max_streams=max_streams,
+        )
+        _check_spec(spec)
+        specs.append(spec)
+    return specs
+
+
+def _check_spec(spec: MhSpec) -> None:
+    try:
+        validation.node_id("id", spec.handler_id)
+        validation.region("region", spec.region)
+        validation.label("zone", spec.zone, min_len=0, max_len=50)
+        validation.endpoint("endpoint", spec.webtransport_endpoint)
+        validation.capacity("max streams", spec.max_streams)
+    except validation.InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
+
+
+def load_report(spec: MhSpec, load: float) -> pb.MHLoadReportRequest:
+    """The report of an MH at ``load`` (0..1): streams in proportion, CPU and
+    bandwidth likewise, memory from an idle floor."""
+    return pb.MHLoadReportRequest(
+        handler_id=spec.handler_id,
+        current_streams=round(load * spec.max_streams),
+        health=pb.HEALTHY,
+        cpu_usage_percent=100.0 * load,
+        memory_usage_percent=_IDLE_MEMORY_PCT + (_FULL_MEMORY_PCT - _IDLE_MEMORY_PCT) * load,
+        bandwidth_usage_percent=100.0 * load,
+    )
+
+
+# --------------------------------------------------------------------------
+# Tokens
+
+
+class TokenSource(Protocol):
+    """The current service token of an MH (``sub`` = its id)."""
+
+    def __call__(self, handler_id: str) -> Secret: ...
+
+
+class MintedTokens:
+    """MH tokens minted with a signing key (a ``dt keys init`` key standing in
+    for the AC), each minted again once half its lifetime has passed, so a
+    simulator may run for days. Tokens live only in memory."""
+
+    def __init__(
+        self,
+        private_key: Ed25519PrivateKey,
+        kid: str,
+        *,
+        ttl_s: int = SERVICE_TOKEN_TTL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = private_key
+        self._kid = kid
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._tokens: dict[str, tuple[float, Secret]] = {}
+
+    def __repr__(self) -> str:
+        return f"MintedTokens(kid={self._kid!r})"
+
+    def __call__(self, handler_id: str) -> Secret:
+        now = self._clock()
+        minted = self._tokens.get(handler_id)
+        if minted is None or now - minted[0] >= self._ttl_s / 2:
+            token = mint_mh_token(
+                self._key, kid=self._kid, mh_id=handler_id, ttl_s=self._ttl_s, now=now
+            )
+            minted = (now, Secret(token))
+            self._tokens[handler_id] = minted
+        return minted[1]
+
+
+class StaticTokens:
+    """Tokens handed over ready-made (one per MH); they are not renewed."""
+
+    def __init__(self, tokens: Mapping[str, Secret]) -> None:
+        self._tokens = dict(tokens)
+
+    def __repr__(self) -> str:
+        return f"StaticTokens({len(self._tokens)} tokens)"
+
+    def __call__(self, handler_id: str) -> Secret:
+        return self._tokens[handler_id]
+
+
+# --------------------------------------------------------------------------
+# The registry client
+
+
+class RegistryError(Exception):
+    """Base of the failures an :class:`MhRegistry` reports; ``str()`` names
+    the RPC and the status, never a token."""
+
+
+class NotRegistered(RegistryError):
+    """The GC does not know this MH (``NOT_FOUND``): register again."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The GC could not be reached or refused the call for another reason;
+    ``code`` is the gRPC status name or ``TRANSPORT`` / ``DEADLINE_EXCEEDED``."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class MhRegistry(Protocol):
+    """Trio-flavoured MH → GC operations. Each raises :class:`NotRegistered`
+    or :class:`RegistryUnavailable` on failure, nothing else for GC trouble."""
+
+    async def register(
+        self, request: pb.RegisterMHRequest, token: Secret
+    ) -> pb.RegisterMHResponse: ...
+
+    async def report(
+        self, request: pb.MHLoadReportRequest, token: Secret
+    ) -> pb.MHLoadReportResponse: ...
+
+
+def _translate(rpc: str, exc: BaseException) -> RegistryError | None:
+    """The one exception map: the :class:`RegistryError` for a library
+    exception, ``None`` when ``exc`` is not GC trouble (cancellation, bugs)."""
+    if isinstance(exc, GRPCError):
+        detail = f"{rpc}: {exc.status.name}"
+        if exc.message:
+            detail += f" ({exc.message[:_MAX_DETAIL]})"
+        if exc.status is Status.NOT_FOUND:
+            return NotRegistered(detail)
+        return RegistryUnavailable(detail, code=exc.status.name)
+    if isinstance(exc, TimeoutError):
+        return RegistryUnavailable(f"{rpc}: deadline exceeded", code="DEADLINE_EXCEEDED")
+    if isinstance(exc, StreamTerminatedError | ProtocolError):
+        return RegistryUnavailable(f"{rpc}: {type(exc).__name__}", code="TRANSPORT")
+    if isinstance(exc, OSError):
+        reason = exc.strerror or type(exc).__name__
+        return RegistryUnavailable(f"{rpc}: connection failed ({reason})", code="TRANSPORT")
+    return None
+
+
+class GrpcMhRegistry:
+    """:class:`MhRegistry` over one grpclib channel (made by
+    :func:`open_mh_registry`), shared by every MH of the process: the GC sees
+    one HTTP/2 connection, the way one host's MHs would share a proxy."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        register_timeout: float = REGISTER_TIMEOUT_S,
+        report_timeout: float = REPORT_TIMEOUT_S,
+    ) -> None:
+        self._channel = channel
+        self._stub = internal_grpc.MediaHandlerRegistryServiceStub(channel)
+        self._connect_timeout = connect_timeout
+        self._register_timeout = register_timeout
+        self._report_timeout = report_timeout
+
+    def __repr__(self) -> str:
+        return f"GrpcMhRegistry({self._channel!r})"
+
+    async def register(self, request: pb.RegisterMHRequest, token: Secret) -> pb.RegisterMHResponse:
+        return await self._call(
+            "RegisterMH", self._stub.RegisterMH, request, self._register_timeout, token
+        )
+
+    async def report(
+        self, request: pb.MHLoadReportRequest, token: Secret
+    ) -> pb.MHLoadReportResponse:
+        return await self._call(
+            "SendLoadReport", self._stub.SendLoadReport, request, self._report_timeout, token
+        )
+
+    async def _call(
+        self,
+        rpc: str,
+        method: UnaryUnaryMethod[Req, Resp],
+        request: Req,
+        deadline_s: float,
+        token: Secret,
+    ) -> Resp:
+        """Trio-flavoured: one RPC, one seam crossing."""
+        metadata = {"authorization": f"Bearer {token.reveal()}"}
+        return await run_aio(self._call_aio, rpc, method, request, deadline_s, metadata)
+
+    async def _call_aio(
+        self,
+        rpc: str,
+        method: UnaryUnaryMethod[Req, Resp],
+        request: Req,
+        deadline_s: float,
+        metadata: dict[str, str],
+    ) -> Resp:
+        """Asyncio-flavoured: connect (bounded: grpclib has no connect
+        timeout of its own), then the RPC with what is left of its deadline."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await asyncio.wait_for(
+                self._channel.__connect__(), timeout=min(self._connect_timeout, deadline_s)
+            )
+            remaining = deadline_s - (loop.time() - started)
+            if remaining <= 0:
+                raise TimeoutError
+            return await method(request, timeout=remaining, metadata=metadata)
+        except Exception as exc:
+            translated = _translate(rpc, exc)
+            if translated is None:
+                raise
+            raise translated from None
+
+
+def gc_host_port(url: str) -> tuple[str, int, bool]:
+    """``http(s)://host[:port]`` → host, port, TLS; :class:`ValueError` otherwise."""
+    parts = urlsplit(url.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the GC URL has a malformed port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the GC URL must be http://host:port or https://host:port")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ValueError("the GC URL takes no path, query or fragment")
+    tls = parts.scheme == "https"
+    return parts.hostname, port or (443 if tls else 80), tls
+
+
+@asynccontextmanager
+async def open_mh_registry(url: str) -> AsyncIterator[GrpcMhRegistry]:
+    """Trio-flavoured: a :class:`GrpcMhRegistry` for the GC at ``url``. Call
+    inside :func:`darktower.shared.seam.asyncio_loop`. It connects lazily (on
+    the first RPC, and again after a lost connection), so opening never fails
+    because the GC is down."""
+    host, port, tls = gc_host_port(url)
+
+    async def create() -> Channel:
+        return Channel(host, port, ssl=True if tls else None)
+
+    channel = await run_aio(create)
+    try:
+        yield GrpcMhRegistry(channel)
+    finally:
+
+        async def close() -> None:
+            channel.close()
+
+        with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+            await run_aio(close)
+
+
+# --------------------------------------------------------------------------
+# One MH
+
+
+@dataclass(frozen=True, slots=True)
+class MhStatistics:
+    """Counters since the MH was created (tests, the final summary)."""
+
+    registrations: int
+    registration_failures: int
+    reports: int
+    report_failures: int
+    not_found: int
+    interval_s: float
+
+
+def _next_due(started: float, interval: float, now: float) -> float:
+    """``interval`` after ``started`` - or after ``now`` if that already
+    passed while the call was in flight: missed ticks are skipped."""
+    due = started + interval
+    return due if due >= now else now + interval
+
+
+class SimulatedMh:
+    """One MH: registers, reports, re-registers; see the module docstring.
+
+    ``started_at`` (trio time) is the zero of the load pattern: the MHs of a
+    fleet share it, so their loads move together.
+    """
+
+    def __init__(
+        self,
+        spec: MhSpec,
+        registry: MhRegistry,
+        tokens: TokenSource,
+        pattern: LoadPattern,
+        *,
+        started_at: float,
+        rng: Rng | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.spec = spec
+        self._registry = registry
+        self._tokens = tokens
+        self._pattern = pattern
+        self._started_at = started_at
+        self._rng: Rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter
+        self._backoff = backoff if backoff is not None else Backoff()
+        self._interval = DEFAULT_REPORT_INTERVAL_S
+        self._first_report = trio.Event()
+        self._registrations = 0
+        self._registration_failures = 0
+        self._reports = 0
+        self._report_failures = 0
+        self._not_found = 0
+
+    @property
+    def reported(self) -> bool:
+        """Whether the GC has taken at least one load report from this MH."""
+        return self._first_report.is_set()
+
+    async def wait_reported(self) -> None:
+        """Trio-flavoured: return once the GC took this MH's first report."""
+        await self._first_report.wait()
+
+    def statistics(self) -> MhStatistics:
+        return MhStatistics(
+            registrations=self._registrations,
+            registration_failures=self._registration_failures,
+            reports=self._reports,
+            report_failures=self._report_failures,
+            not_found=self._not_found,
+            interval_s=self._interval,
+        )
+
+    async def run(self) -> NoReturn:
+        """Trio-flavoured: register and report until cancelled."""
+        while True:
+            await self._register()
+            await self._report_until_not_registered()
+
+    async def _bounded(
+        self,
+        rpc: str,
+        deadline_s: float,
+        call: Callable[[Req, Secret], Awaitable[Resp]],
+        request: Req,
+    ) -> Resp:
+        """``call(request, token)`` bounded here too, whatever the client does."""
+        token = self._tokens(self.spec.handler_id)
+        with trio.move_on_after(deadline_s + _CALL_SLACK_S):
+            return await call(request, token)
+        raise RegistryUnavailable(f"{rpc}: no answer in time", code="DEADLINE_EXCEEDED")
+
+    async def _register(self) -> None:
+        """Register, retrying with backoff until the GC accepts."""
+        request = self.spec.registration()
+        attempt = 0
+        while True:
+            try:
+                response = await self._bounded(
+                    "RegisterMH", REGISTER_TIMEOUT_S, self._registry.register, request
+                )
+            except RegistryError as exc:
+                error = str(exc)
+            else:
+                if response.accepted:
+                    break
+                error = f"RegisterMH: refused ({response.message[:_MAX_DETAIL]})"
+            self._registration_failures += 1
+            delay = self._backoff.delay(attempt, self._rng)
+            log.warning(
+                "mh_registration_failed",
+                handler_id=self.spec.handler_id,
+                error=error,
+                attempt=attempt + 1,
+                retry_in_s=round(delay, 3),
+            )
+            attempt += 1
+            await trio.sleep(delay)
+        ms = response.load_report_interval_ms
+        self._interval = ms / 1000 if ms > 0 else DEFAULT_REPORT_INTERVAL_S
+        self._registrations += 1
+        log.info(
+            "mh_registered",
+            handler_id=self.spec.handler_id,
+            zone=self.spec.zone,
+            attempts=attempt + 1,
+            interval_s=self._interval,
+        )
+
+    async def _report_until_not_registered(self) -> None:
+        """Report now, then every interval; return on ``NOT_FOUND``."""
+        next_due = trio.current_time()
+        failures = 0
+        while True:
+            await trio.sleep_until(next_due)
+            started = trio.current_time()
+            load = self._pattern.at(started - self._started_at)
+            request = load_report(self.spec, load)
+            try:
+                await self._bounded(
+                    "SendLoadReport", REPORT_TIMEOUT_S, self._registry.report, request
+                )
+            except NotRegistered as exc:
+                self._not_found += 1
+                log.warning("mh_not_registered", handler_id=self.spec.handler_id, error=str(exc))
+                return
+            except RegistryError as exc:
+                self._report_failures += 1
+                delay = min(self._backoff.delay(failures, self._rng), self._interval)
+                failures += 1
+                log.warning(
+                    "mh_load_report_failed",
+                    handler_id=self.spec.handler_id,
+                    error=str(exc),
+                    failures=failures,
+                    retry_in_s=round(delay, 3),
+                )
+                next_due = trio.current_time() + delay
+                continue
+            if failures:
+                log.info("mh_load_report_recovered", handler_id=self.spec.handler_id)
+            failures = 0
+            self._reports += 1
+            self._first_report.set()
+            next_due = _next_due(started, self._interval, trio.current_time())
+
+
+# --------------------------------------------------------------------------
+# A fleet
+
+
+class MhFleet:
+    """The simulated MHs of one process, run side by side. Create it inside
+    the trio run: its load patterns start at creation."""
+
+    def __init__(
+        self,
+        specs: Sequence[MhSpec],
+        registry: MhRegistry,
+        tokens: TokenSource,
+        pattern: LoadPattern,
+        *,
+        rng: Rng | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        started_at = trio.current_time()
+        self.mhs = [
+            SimulatedMh(
+                spec,
+                registry,
+                tokens,
+                pattern,
+                started_at=started_at,
+                rng=rng,
+                backoff=backoff,
+            )
+            for spec in specs
+        ]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Trio-flavoured: run every MH until cancelled (started at once)."""
+        async with trio.open_nursery() as nursery:
+            for mh in self.mhs:
+                nursery.start_soon(mh.run, name=f"mh-{mh.spec.handler_id}")
+            task_status.started()
+
+    async def wait_ready(self) -> None:
+        """Trio-flavoured: return once the GC took a report from every MH."""
+        for mh in self.mhs:
+            await mh.wait_reported()
+
+    @property
+    def interval_s(self) -> float:
+        """The report interval (the GC hands every MH the same one)."""
+        return max(mh.statistics().interval_s for mh in self.mhs)
+
+    def totals(self) -> dict[str, int]:
+        """Counters summed over the fleet."""
+        stats = [mh.statistics() for mh in self.mhs]
+        return {
+            "registrations": sum(s.registrations for s in stats),
+            "registration_failures": sum(s.registration_failures for s in stats),
+            "reports": sum(s.reports for s in stats),
+            "report_failures": sum(s.report_failures for s in stats),
+            "not_found": sum(s.not_found for s in stats),
+        }

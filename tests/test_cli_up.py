@@ -1,0 +1,305 @@
+"""``dt up`` driven as a user runs it (issue 5): started in a subprocess, a
+meeting created and joined through it with the exact command it prints,
+stopped with SIGINT - and then nothing it started is running and its
+temporary directory is gone. Also: SIGTERM in the middle of the start, and
+a component dying.
+
+Servers: with ``DT_TEST_DATABASE_URL`` / ``DT_TEST_REDIS_URL`` set, ``dt up``
+gets ``DATABASE_URL`` = a database of its own (created and dropped here) and
+``REDIS_URL`` = the shared server (its MCs write only ``meeting:{id}:*``
+keys, for meetings of random ids; the test deletes those of its meetings);
+otherwise ``dt up`` starts its embedded servers, as on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import coredis
+import psutil
+import pytest
+import trio
+
+from darktower.shared.devstack import create_database, drop_database
+
+pytestmark = pytest.mark.slow
+
+#: The issue's bar on this machine.
+READY_WITHIN_S = 15.0
+#: Bounds of the waits: far above what a healthy run takes.
+START_BOUND_S = 60.0
+STOP_BOUND_S = 30.0
+MC_IDS = {"mc-local-1", "mc-local-2"}
+MH_IDS = {"mh-local-1", "mh-local-2"}
+_MARKER_VARIABLE = "DT_TEST_UP_RUN"
+
+
+@dataclass
+class Up:
+    """A running ``dt up``: its output so far, line by line."""
+
+    proc: subprocess.Popen[str]
+    #: In the environment of ``dt up`` and so of everything it starts.
+    marker: str
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    output: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    def start_readers(self) -> None:
+        for stream, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.stderr)):
+            reader = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
+            reader.start()
+            self.readers.append(reader)
+
+    def read_until(self, pattern: str, timeout: float = START_BOUND_S) -> re.Match[str]:
+        """Lines until one matches ``pattern`` (bounded); that match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"dt up printed no {pattern!r} in {timeout} s:\n{self.text()}")
+            if line is None:
+                pytest.fail(f"dt up ended before {pattern!r}:\n{self.text()}")
+            self.output.append(line)
+            found = re.search(pattern, line)
+            if found:
+                return found
+
+    def rest(self) -> str:
+        """Everything printed until it exited (call after it exited)."""
+        while (line := self.lines.get(timeout=STOP_BOUND_S)) is not None:
+            self.output.append(line)
+        for reader in self.readers:
+            reader.join(timeout=STOP_BOUND_S)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.output) + "--- stderr ---\n" + "".join(self.stderr)
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def marked(self) -> list[psutil.Process]:
+        """Processes running with our marker: anything ``dt up`` started,
+        even after :meth:`descendants` was called."""
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get(_MARKER_VARIABLE) == self.marker:
+                    found.append(proc)
+        return found
+
+    def marked_processes(self) -> list[str]:
+        names = []
+        for proc in self.marked():
+            with contextlib.suppress(psutil.Error):
+                names.append(" ".join(proc.cmdline()))
+        return names
+
+
+def _pump(stream: Any, sink: queue.Queue[str | None] | list[str]) -> None:
+    with stream:
+        for line in stream:
+            if isinstance(sink, list):
+                sink.append(line)
+            else:
+                sink.put(line)
+    if not isinstance(sink, list):
+        sink.put(None)
+
+
+@pytest.fixture
+def servers() -> Iterator[dict[str, str]]:
+    """The environment ``dt up`` gets for its servers (see the module docstring)."""
+    env: dict[str, str] = {}
+    server_dsn = os.environ.get("DT_TEST_DATABASE_URL")
+    name = f"dt_test_up_{secrets.token_hex(6)}"
+    if server_dsn:
+        env["DATABASE_URL"] = create_database(server_dsn, name)
+    if os.environ.get("DT_TEST_REDIS_URL"):
+        env["REDIS_URL"] = os.environ["DT_TEST_REDIS_URL"]
+    try:
+        yield env
+    finally:
+        if server_dsn:
+            drop_database(server_dsn, name)
+
+
+@pytest.fixture
+def start_up(servers: dict[str, str]) -> Iterator[Any]:
+    """Start ``dt up`` (SIGINT at its default disposition, as in a terminal);
+    killed, with everything it started, if the test leaves it running."""
+    started: list[Up] = []
+
+    def start() -> Up:
+        drop = ("DATABASE_URL", "REDIS_URL", "DT_MH_TOKENS", "DT_GC_URL", "DT_TOKEN")
+        env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("GC_")}
+        env = {k: v for k, v in env.items() if not k.startswith("MC_")} | servers
+        marker = secrets.token_hex(8)
+        env[_MARKER_VARIABLE] = marker
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "darktower.cli", "up"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        up = Up(proc, marker)
+        up.start_readers()
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        if up.proc.poll() is None:
+            up.proc.kill()
+        up.proc.wait(timeout=STOP_BOUND_S)
+        # A failed test must not leave what dt up started running either.
+        for proc in up.marked():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        for reader in up.readers:
+            reader.join(timeout=STOP_BOUND_S)
+
+
+def _stop_and_check(up: Up, sig: signal.Signals, pids: list[psutil.Process]) -> tuple[int, str]:
+    """Signal ``dt up``, wait for it; assert nothing it started runs."""
+    up.proc.send_signal(sig)
+    status = up.proc.wait(timeout=STOP_BOUND_S)
+    text = up.rest()
+    _gone, alive = psutil.wait_procs(pids, timeout=5)
+    assert alive == [], f"left running: {alive}\n{text}"
+    assert up.marked_processes() == [], text
+    return status, text
+
+
+def _assert_removed(text: str) -> None:
+    """The work directory and any embedded server's directory are gone."""
+    workdir = re.search(r"stopped; removed (\S+)", text)
+    assert workdir, text
+    assert not Path(workdir.group(1)).exists()
+    for directory in re.findall(r"host=(/\S+dt-pg-\w+)", text):
+        assert not Path(directory).exists()
+
+
+def _run_printed(command: str, env: dict[str, str]) -> str:
+    """Run a command exactly as ``dt up`` printed it; its output (it must succeed)."""
+    completed = subprocess.run(
+        shlex.split(command, comments=True),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+def _field(pattern: str, text: str) -> str:
+    found = re.search(pattern, text, re.M)
+    assert found, (pattern, text)
+    return found.group(1)
+
+
+async def _forget_meetings(redis_url: str, meeting_ids: list[str]) -> None:
+    """Delete the MCs' keys of the test's meetings (shared Redis only)."""
+    client: coredis.Redis[Any] = coredis.Redis.from_url(redis_url)
+    async with client:
+        for meeting_id in meeting_ids:
+            keys = [key async for key in client.scan_iter(match=f"meeting:{{{meeting_id}}}:*")]
+            if keys:
+                await client.delete(keys)
+
+
+@pytest.mark.dt_timeout(180)
+def test_dt_up_runs_the_system_joins_and_ctrl_c_removes_everything(
+    start_up: Any, servers: dict[str, str]
+) -> None:
+    up: Up = start_up()
+    ready_s = float(up.read_until(r"^ready in (\d+\.\d) s$").group(1))
+    exported = up.read_until(r"^\s+export (DT_GC_URL=\S+ DT_TOKEN=\S+)$").group(1)
+    create = up.read_until(r'^\s+(.+ join --create "demo meeting")$').group(1)
+    rejoin = up.read_until(r"^\s+(.+ join CODE\b.*)$").group(1)
+    up.read_until(r"Press Ctrl-C to stop")
+    text = up.text()
+    assert ready_s <= READY_WITHIN_S, text
+    for name in [*MC_IDS, *MH_IDS, "gc-local-1"]:
+        assert re.search(rf"^\s+\[\s*\d+\.\d s\] .*\b{name}\b", text, re.M), (name, text)
+    assert re.search(r"^\s+MH\s+mh-local-1\s+zone-a", text, re.M), text
+    assert ("($DATABASE_URL)" if "DATABASE_URL" in servers else "(embedded)") in text
+    # One child per component (GC, 2 MCs, the MH simulator), embedded
+    # servers besides.
+    pids = up.descendants()
+    commands = [" ".join(p.cmdline()) for p in pids]
+    assert sum("-m darktower.gc" in c for c in commands) == 1
+    assert sum("-m darktower.mc" in c for c in commands) == 2
+    assert sum("mh_sim_cmd" in c for c in commands) == 1
+
+    # The printed commands, exactly: the variables it exports, then dt join
+    # (which exits 0 only on a 200).
+    env = {k: v for k, v in os.environ.items() if k not in ("DT_GC_URL", "DT_TOKEN")}
+    env |= dict(part.split("=", 1) for part in shlex.split(exported))
+    created = _run_printed(create, env)
+    code = _field(r"^created meeting demo meeting with code (\S+)$", created)
+    mc_id = _field(r"^controller\s+(\S+)$", created)
+    assert mc_id in MC_IDS
+    assert set(re.findall(r"^\s+(?:primary|backup)\s+(\S+)", created, re.M)) == MH_IDS
+    meeting_id = _field(r"^\s+id\s+(\S+)$", created)
+    again = _run_printed(rejoin.replace("CODE", code, 1), env)
+    assert _field(r"^controller\s+(\S+)$", again) == mc_id
+
+    status, text = _stop_and_check(up, signal.SIGINT, pids)
+    assert status == 0, text
+    assert "SIGINT: stopping" in text
+    _assert_removed(text)
+    assert up.stderr == [], text
+    if "REDIS_URL" in servers:
+        trio.run(_forget_meetings, servers["REDIS_URL"], [meeting_id])
+
+
+@pytest.mark.dt_timeout(120)
+def test_sigterm_while_starting_stops_what_was_started(start_up: Any) -> None:
+    up: Up = start_up()
+    up.read_until(r"\bGC\s+gc-local-1 ready")
+    pids = up.descendants()
+    status, text = _stop_and_check(up, signal.SIGTERM, pids)
+    assert status == 0, text
+    assert "SIGTERM: stopping" in text
+    assert "ready in" not in text
+    _assert_removed(text)
+
+
+@pytest.mark.dt_timeout(120)
+def test_a_component_that_dies_stops_everything_with_one_clear_line(start_up: Any) -> None:
+    up: Up = start_up()
+    up.read_until(r"Press Ctrl-C to stop")
+    pids = up.descendants()
+    mc = next(p for p in pids if "-m darktower.mc" in " ".join(p.cmdline()))
+    mc_id = mc.environ()["MC_ID"]
+    mc.kill()
+    status = up.proc.wait(timeout=STOP_BOUND_S)
+    text = up.rest()
+    assert status == 1, text
+    _gone, alive = psutil.wait_procs(pids, timeout=5)
+    assert alive == [], text
+    assert up.marked_processes() == [], text
+    assert up.stderr[0] == f"error: {mc_id} was killed by SIGKILL; the end of its log:\n", text
+    _assert_removed(text)
