@@ -405,3 +405,27 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
     timer.cancel()
     faulthandler.cancel_dump_traceback_later()
     return result
+
+
+#: Figures the failure drills measured (detection time, reassignment time,
+#: errors during an outage), shown in the run's summary so CI logs carry them.
+_DRILL_FIGURES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def drill_figures(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """``record(name, value)``: one figure of this drill for the run's summary."""
+    figures = request.config.stash.setdefault(_DRILL_FIGURES, [])
+
+    def record(name: str, value: str) -> None:
+        figures.append(f"{request.node.name}: {name} = {value}")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    figures = config.stash.get(_DRILL_FIGURES, [])
+    if figures:
+        terminalreporter.section("failure drill figures")
+        for line in figures:
+            terminalreporter.write_line(line)
