@@ -10,7 +10,8 @@ a user token and the exact ``dt join`` commands to try.
 
 Ready means what a join needs: the GC answers ``/health/ready``, both MCs are
 registered and ``healthy`` in the GC's database, and the GC took a load
-report from both MHs. ``ready in X.X s`` is measured from the command's start.
+report from both MHs. ``ready in X.X s`` is measured from the start of ``dt``
+(its imports included; see :mod:`darktower.cli.__main__`).
 
 Stopping. SIGINT (Ctrl-C) or SIGTERM stops everything in order - the MCs and
 the MH simulator first (in parallel; an MC drains for at most a second), then
@@ -25,8 +26,10 @@ signal is turned into :class:`KeyboardInterrupt` once; while a child is being
 started and its stop registered, it is deferred to right after, so no child
 can exist without a registered stop; during the stop, further signals are
 ignored so the stop always completes (each wait is bounded; a child that
-does not stop in time is killed). Only SIGKILL of ``dt up`` itself can leave
-children behind: nothing can run after it.
+does not stop in time is killed). Nothing can run in ``dt up`` after a
+SIGKILL, so a guard process (:mod:`darktower.cli.up_guard`), started first,
+learns of every process and directory as it is created and, when ``dt up``
+ends without stopping them, stops and removes them itself.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from darktower.cli import mh_sim_cmd
 from darktower.cli.bench.procs import BenchError, Child, free_port
 from darktower.cli.keys_cmd import JWKS_FILE, SIGNING_KEY_FILE
 from darktower.cli.mh_sim import fleet_specs
+from darktower.cli.up_guard import Guard
 from darktower.gc.config import VARIABLES as GC_VARIABLES
 from darktower.gc.repositories import media_handlers, meeting_controllers
 from darktower.mc.config import VARIABLES as MC_VARIABLES
@@ -249,12 +253,14 @@ class _Up:
         args: argparse.Namespace,
         signals: _Signals,
         exits: contextlib.ExitStack,
+        guard: Guard,
         workdir: Path,
         started: float,
     ) -> None:
         self._args = args
         self._signals = signals
         self._exits = exits
+        self._guard = guard
         self.workdir = workdir
         self._started = started
         self._logs = workdir / "logs"
@@ -278,6 +284,8 @@ class _Up:
         print(f"  [{elapsed:4.1f} s] {component:<10} {text}", flush=True)
 
     def _check_alive(self) -> None:
+        if not self._guard.alive():
+            raise UpError(f"error: the guard process (pid {self._guard.pid}) exited")
         for child in self._children:
             if not child.alive():
                 raise _failed(child, _exit_text(child.proc.returncode))
@@ -296,6 +304,7 @@ class _Up:
             )
             group.append(child)
             self._children.append(child)
+            self._guard.process(child.proc.pid, name)
         return child
 
     # ------------------------------------------------------------ start
@@ -361,6 +370,13 @@ class _Up:
         self._exits.enter_context(server)
         self._exits.callback(self._stopping, name)
         self._servers[name] = server
+        if server.pid is not None:
+            self._guard.process(server.pid, name, last=True)
+        socket_dir = (
+            server.socket_dir if isinstance(server, EmbeddedPostgres) else server.unix_socket.parent
+        )
+        for directory in {server.directory, socket_dir}:
+            self._guard.directory(directory)
         return server
 
     def _stopping(self, name: str) -> None:
@@ -509,7 +525,7 @@ class _Up:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    started = time.monotonic()
+    started: float = args.started
     signals = _Signals()
     status = 0
     workdir: Path | None = None
@@ -517,7 +533,12 @@ def _run_up(args: argparse.Namespace) -> int:
         try:
             with contextlib.ExitStack() as exits:
                 with signals.deferred():
+                    # The guard first, so it knows of everything else; its
+                    # close is the last step of the stop.
+                    guard = Guard.start()
+                    exits.callback(guard.close)
                     workdir = Path(tempfile.mkdtemp(prefix="dt-up-"))
+                    guard.directory(workdir)
                     exits.callback(shutil.rmtree, workdir, ignore_errors=True)
                 try:
                     print(
@@ -525,7 +546,7 @@ def _run_up(args: argparse.Namespace) -> int:
                         " simulated MHs, each its own process (Ctrl-C stops them)",
                         flush=True,
                     )
-                    up = _Up(args, signals, exits, workdir, started)
+                    up = _Up(args, signals, exits, guard, workdir, started)
                     print(up.banner(up.start()), flush=True)
                     up.watch()
                 except KeyboardInterrupt:

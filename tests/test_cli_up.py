@@ -1,8 +1,10 @@
 """``dt up`` driven as a user runs it (issue 5): started in a subprocess, a
 meeting created and joined through it with the exact command it prints,
 stopped with SIGINT - and then nothing it started is running and its
-temporary directory is gone. Also: SIGTERM in the middle of the start, and
-a component dying.
+temporary directory is gone. Also: SIGTERM in the middle of the start, a
+component dying, and ``dt up`` itself killed with SIGKILL (its guard,
+:mod:`darktower.cli.up_guard`, stops and removes what it had started; the
+guard's own rules are tested on small processes at the end).
 
 Servers: with ``DT_TEST_DATABASE_URL`` / ``DT_TEST_REDIS_URL`` set, ``dt up``
 gets ``DATABASE_URL`` = a database of its own (created and dropped here) and
@@ -14,6 +16,8 @@ otherwise ``dt up`` starts its embedded servers, as on a fresh clone.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import queue
 import re
@@ -34,6 +38,7 @@ import psutil
 import pytest
 import trio
 
+from darktower.cli import up_guard
 from darktower.shared.devstack import create_database, drop_database
 
 pytestmark = pytest.mark.slow
@@ -303,3 +308,188 @@ def test_a_component_that_dies_stops_everything_with_one_clear_line(start_up: An
     assert up.marked_processes() == [], text
     assert up.stderr[0] == f"error: {mc_id} was killed by SIGKILL; the end of its log:\n", text
     _assert_removed(text)
+
+
+@pytest.mark.dt_timeout(120)
+def test_sigkill_of_dt_up_leaves_nothing_running_nor_its_files(start_up: Any) -> None:
+    up: Up = start_up()
+    up.read_until(r"Press Ctrl-C to stop")
+    text = up.text()
+    workdir = Path(_field(r"^\s+work dir\s+(\S+) ", text))
+    server_dirs = [Path(d) for d in re.findall(r"host=(/\S+dt-pg-\w+)", text)]
+    pids = up.descendants()
+    commands = [" ".join(p.cmdline()) for p in pids]
+    assert sum("-m darktower.cli.up_guard" in c for c in commands) == 1, commands
+    for proc in pids:
+        with contextlib.suppress(psutil.Error):
+            if proc.name() == "redis-server":
+                server_dirs.append(Path(proc.cwd()))
+
+    killed = time.monotonic()
+    up.proc.kill()
+    assert up.proc.wait(timeout=STOP_BOUND_S) == -signal.SIGKILL
+    text = up.rest()  # until the guard, which shares dt up's stderr, is done
+    _gone, alive = psutil.wait_procs(pids, timeout=STOP_BOUND_S)
+    cleaned_s = time.monotonic() - killed
+    assert alive == [], text
+    assert up.marked_processes() == [], text
+    assert cleaned_s < STOP_BOUND_S
+    assert not workdir.exists(), text
+    for directory in server_dirs:
+        assert not directory.exists(), (directory, text)
+    notice = [line for line in up.stderr if "ended without stopping what it started" in line]
+    assert len(notice) == 1, text
+    for name in ["gc-local-1", "mh-sim", *MC_IDS]:
+        assert name in notice[0]
+    assert str(workdir) in notice[0]
+
+
+# --------------------------------------------------------------------------
+# The guard's rules, on small processes (the test process plays dt up)
+
+
+def _sleeper(*, ignore_sigterm: bool = False) -> subprocess.Popen[str]:
+    """A Python process that sleeps until stopped; started when it says so
+    (its SIGTERM disposition is then in place)."""
+    code = (
+        "import signal, sys, time\n"
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "")
+        + "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; killed if it leaves them running."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=STOP_BOUND_S)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _registration(pid: int, name: str, *, last: bool = False, created: float | None = None) -> str:
+    if created is None:
+        created = psutil.Process(pid).create_time()
+    return json.dumps({"pid": pid, "created": created, "name": name, "last": last})
+
+
+def _guard(*lines: str) -> tuple[list[str], list[Path]]:
+    """The guard's work for these registrations, dt up having ended after them."""
+    return up_guard.guard(io.BytesIO("".join(line + "\n" for line in lines).encode()))
+
+
+@pytest.mark.dt_timeout(60)
+def test_the_guard_stops_what_is_left_and_removes_the_directories(
+    processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    service = _sleeper()
+    processes.append(service)
+    already_stopped = _sleeper()
+    processes.append(already_stopped)
+    lines = [_registration(service.pid, "service"), _registration(already_stopped.pid, "done")]
+    already_stopped.terminate()
+    already_stopped.wait(timeout=STOP_BOUND_S)
+    left = tmp_path / "workdir"
+    (left / "logs").mkdir(parents=True)
+    gone = tmp_path / "removed-by-dt-up"
+    lines += [json.dumps({"directory": str(left)}), json.dumps({"directory": str(gone)})]
+
+    stopped, removed = _guard(*lines, "not json")
+
+    assert stopped == ["service"]
+    assert service.wait(timeout=STOP_BOUND_S) == -signal.SIGTERM
+    assert removed == [left]
+    assert not left.exists()
+
+
+@pytest.mark.dt_timeout(60)
+def test_the_guard_never_signals_a_pid_that_is_not_the_registered_process(
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    """A pid the system reused has another start time."""
+    other = _sleeper()
+    processes.append(other)
+    created = psutil.Process(other.pid).create_time()
+    assert _guard(_registration(other.pid, "reused", created=created - 60)) == ([], [])
+    assert other.poll() is None
+
+
+@pytest.mark.dt_timeout(60)
+def test_the_guard_kills_what_ignores_sigterm_after_the_grace(
+    processes: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(up_guard, "STOP_GRACE_S", 0.5)
+    stubborn = _sleeper(ignore_sigterm=True)
+    processes.append(stubborn)
+    assert _guard(_registration(stubborn.pid, "stubborn")) == (["stubborn"], [])
+    assert stubborn.wait(timeout=STOP_BOUND_S) == -signal.SIGKILL
+
+
+@pytest.mark.dt_timeout(60)
+def test_the_guard_stops_the_servers_last_and_the_children_of_what_it_stops(
+    processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Services before the servers they use (``last``); a stopped process's
+    own children (PostgreSQL's backends) too."""
+    server = _sleeper()
+    processes.append(server)
+    seen = tmp_path / "seen"
+    # At SIGTERM, the service writes down whether the server still runs.
+    service_code = (
+        "import os, signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    try:\n"
+        f"        os.kill({server.pid}, 0)\n"
+        "        state = 'server running'\n"
+        "    except ProcessLookupError:\n"
+        "        state = 'server gone'\n"
+        f"    open({str(seen)!r}, 'w').write(state)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-c", service_code],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    processes.append(service)
+    assert service.stdout is not None
+    assert service.stdout.readline() == "ready\n"
+    # A process with a child of its own, which outlives it unless stopped.
+    parent = subprocess.Popen(
+        ["sh", "-c", "sleep 120 & echo $!; wait"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    processes.append(parent)
+    assert parent.stdout is not None
+    grandchild = psutil.Process(int(parent.stdout.readline()))
+
+    stopped, _removed = _guard(
+        _registration(server.pid, "server", last=True),
+        _registration(service.pid, "service"),
+        _registration(parent.pid, "parent"),
+    )
+
+    assert stopped == ["service", "parent", "server"]
+    assert seen.read_text() == "server running"
+    assert service.wait(timeout=STOP_BOUND_S) == 0
+    assert server.wait(timeout=STOP_BOUND_S) == -signal.SIGTERM
+    parent.wait(timeout=STOP_BOUND_S)
+    _gone, alive = psutil.wait_procs([grandchild], timeout=STOP_BOUND_S)
+    assert alive == []
