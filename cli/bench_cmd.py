@@ -1,23 +1,29 @@
 """``dt bench ...``: the benchmarks of SPEC §10.
 
-Each benchmark is one subcommand registered by a small function here, so
-adding ``all`` is one more ``_add_*`` call; the work itself
-lives in :mod:`darktower.cli.bench`. Options shared by every benchmark
-(duration, JSON output) are declared once in :func:`_common_options`, the
-load shape (workers, connections) in :func:`_load_options`.
+Each benchmark is one subcommand registered by a small function here; the
+work itself lives in :mod:`darktower.cli.bench`. ``all`` runs every one of
+them with the same options their own commands take (``--join-*``,
+``--mixed-*``, ... where a name would clash) and writes ``BENCHMARKS.md``.
+Options shared by every benchmark (duration, JSON output) are declared once
+in :func:`_common_options`, the load shape (workers, connections) in
+:func:`_load_options`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from darktower.cli.args import positive_int
+from darktower.cli.bench.all import BENCHES, DEFAULT_OUTPUT, AllOptions, redact_argv, run_all
 from darktower.cli.bench.assign import AssignOptions, run_assign
 from darktower.cli.bench.heartbeats import HeartbeatOptions, run_heartbeats
 from darktower.cli.bench.join import JoinOptions, run_join
+from darktower.cli.bench.mixed import MixedOptions, run_mixed
 
 if TYPE_CHECKING:  # subscriptable for type checkers only
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -72,6 +78,26 @@ def _step(text: str) -> float:
     if not 1 < value <= 10:
         raise argparse.ArgumentTypeError("must be above 1 and at most 10")
     return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def _bench_names(text: str) -> frozenset[str]:
+    names = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = names - set(BENCHES)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}"
+        )
+    return names
 
 
 def _database_option(parser: argparse.ArgumentParser) -> None:
@@ -313,6 +339,270 @@ def _add_join(sub: SubParsers) -> None:
     parser.set_defaults(func=_run_join)
 
 
+def _redis_option(parser: argparse.ArgumentParser, what: str = "") -> None:
+    parser.add_argument(
+        "--redis-url",
+        type=_redis_url,
+        default=None,
+        help=f"Redis server{what} (default: $REDIS_URL, else an embedded server)",
+    )
+
+
+def _redis_from(args: argparse.Namespace) -> str | None:
+    url: str | None = args.redis_url or os.environ.get("REDIS_URL") or None
+    return url
+
+
+def _mixed_options(args: argparse.Namespace, prefix: str = "") -> MixedOptions:
+    """The scenario's options from ``dt bench mixed`` (or, ``prefix``
+    ``mixed_``, from ``dt bench all``)."""
+    given = {
+        name.removeprefix(prefix): value
+        for name, value in vars(args).items()
+        if name.startswith(prefix)
+    }
+    return MixedOptions(
+        duration_s=given["duration"],
+        warmup_s=given["warmup"],
+        rate=given["rate"],
+        first_share=given["first_share"],
+        gcs=given["gcs"],
+        mcs=given["mcs"],
+        meetings=given["meetings"],
+        database_url=_database_from(args),
+        redis_url=_redis_from(args),
+        json_path=None if prefix else args.json,
+    )
+
+
+def _run_mixed(args: argparse.Namespace) -> int:
+    return run_mixed(_mixed_options(args))
+
+
+def _mixed_shape(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The scenario's options (``prefix`` for ``dt bench all``)."""
+    flag = "--" + prefix.replace("_", "-")
+    parser.add_argument(
+        f"{flag}rate", type=positive_int, default=100, metavar="R", help="joins/s offered (100)"
+    )
+    parser.add_argument(
+        f"{flag}first-share",
+        type=_share,
+        default=0.2,
+        metavar="F",
+        help="share of the joins that are first joins, the rest re-joins (0.2)",
+    )
+    parser.add_argument(f"{flag}gcs", type=positive_int, default=2, metavar="N", help="GCs (2)")
+    parser.add_argument(f"{flag}mcs", type=positive_int, default=3, metavar="N", help="MCs (3)")
+    parser.add_argument(
+        f"{flag}meetings",
+        type=positive_int,
+        default=200,
+        metavar="N",
+        help="meetings the re-joins cycle over (200)",
+    )
+
+
+def _add_mixed(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "mixed",
+        help="the system under a steady mix of first joins and re-joins over 2 GCs (open loop)",
+        description=(
+            "Start --gcs GCs on one database, --mcs MCs and two simulated MHs (real processes, "
+            "real gRPC, Redis fencing); create meetings through both GCs; then send joins "
+            "open-loop at --rate for --duration, alternating between the GCs, a --first-share "
+            "of them first joins and the rest re-joins. Prints the achieved rate, P50/P95/P99 "
+            "from each join's intended send time (all, per kind, per GC), failed joins by "
+            "status, the spread of the new assignments over the MCs and the CPU of each group "
+            "of processes. Only the bench's own Redis keys are deleted at the end."
+        ),
+    )
+    _database_option(parser)
+    _redis_option(parser, " for the MCs")
+    parser.add_argument(
+        "--duration",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="measured seconds (60)",
+    )
+    parser.add_argument(
+        "--warmup", type=_seconds, default=5.0, metavar="S", help="discarded seconds first (5)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON"
+    )
+    _mixed_shape(parser)
+    parser.set_defaults(func=_run_mixed)
+
+
+def _run_all(args: argparse.Namespace) -> int:
+    database_url, redis_url = _database_from(args), _redis_from(args)
+    duration, warmup = args.duration, args.warmup
+    concurrency: int | None = args.concurrency
+    heartbeats = HeartbeatOptions(
+        duration_s=duration,
+        warmup_s=warmup,
+        mcs=args.heartbeat_mcs,
+        health_mcs=args.health_mcs,
+        health_runs=args.health_runs,
+        database_url=database_url,
+    )
+    assign = AssignOptions(duration_s=duration, warmup_s=warmup, redis_url=redis_url)
+    join = JoinOptions(
+        rates=args.join_rates,
+        duration_s=duration,
+        warmup_s=warmup,
+        search=not args.no_search,
+        max_rate=args.join_max_rate,
+        mcs=args.join_mcs,
+        meetings=args.join_meetings,
+        database_url=database_url,
+        redis_url=redis_url,
+    )
+    if concurrency is not None:
+        heartbeats = replace(heartbeats, concurrency=concurrency)
+        assign = replace(assign, concurrency=concurrency)
+        join = replace(join, concurrency=concurrency)
+    mixed = _mixed_options(args, prefix="mixed_")
+    return run_all(
+        AllOptions(
+            heartbeats=heartbeats,
+            join=join,
+            assign=assign,
+            mixed=mixed,
+            output=args.output,
+            json_path=args.json,
+            skip=args.skip,
+            command=redact_argv(sys.argv[1:]),
+        )
+    )
+
+
+def _add_all(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "all",
+        help="every benchmark, then BENCHMARKS.md with the machine, the figures and the targets",
+        description=(
+            "Run dt bench heartbeats, join, assign and mixed one after the other (each as its "
+            "own command runs it), print each report, then write --output: the machine (cores, "
+            "memory, CPU, Python, PostgreSQL and Redis versions, load average at the start), "
+            "every figure, and each issue's target beside its result (PASS/MISS). With no "
+            "PostgreSQL/Redis given, one embedded server of each serves the whole run. Exit 0 "
+            "when every benchmark ran (missed targets included), 1 when one could not (the "
+            "report is written all the same). On a shared Redis give the run a logical "
+            "database of its own (e.g. redis://127.0.0.1:6379/15)."
+        ),
+    )
+    _database_option(parser)
+    _redis_option(parser)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        metavar="PATH",
+        help=f"the markdown report ({DEFAULT_OUTPUT})",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write every figure as JSON"
+    )
+    parser.add_argument(
+        "--skip",
+        type=_bench_names,
+        default=frozenset(),
+        metavar="NAME,...",
+        help=f"benchmarks not to run ({', '.join(BENCHES)})",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="measured seconds of each phase of heartbeats, join and assign (10)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_seconds,
+        default=2.0,
+        metavar="S",
+        help="discarded seconds before each of those phases (2)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        metavar="C",
+        help="closed-loop workers of heartbeats, assign and the join saturation "
+        "(default: each bench's own, 64/64/32)",
+    )
+    parser.add_argument(
+        "--heartbeat-mcs",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="heartbeats: MCs (1000)",
+    )
+    parser.add_argument(
+        "--health-mcs",
+        type=positive_int,
+        default=10_000,
+        metavar="N",
+        help="heartbeats: fleet of the health-check statement (10000)",
+    )
+    parser.add_argument(
+        "--health-runs",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="heartbeats: timed runs of the health-check statement (20)",
+    )
+    parser.add_argument(
+        "--join-rates",
+        type=_rates,
+        default=(50, 100, 200),
+        metavar="R,R,...",
+        help="join: joins/s measured (50,100,200)",
+    )
+    parser.add_argument(
+        "--no-search",
+        action="store_true",
+        help="join: do not step the rate up for the highest rate with P99 <= 100 ms",
+    )
+    parser.add_argument(
+        "--join-max-rate",
+        type=positive_int,
+        default=2000,
+        metavar="R",
+        help="join: highest rate the search tries (2000)",
+    )
+    parser.add_argument(
+        "--join-mcs", type=positive_int, default=2, metavar="N", help="join: MCs (2)"
+    )
+    parser.add_argument(
+        "--join-meetings",
+        type=positive_int,
+        default=200,
+        metavar="N",
+        help="join: meetings the re-joins cycle over (200)",
+    )
+    parser.add_argument(
+        "--mixed-duration",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="mixed: measured seconds (60)",
+    )
+    parser.add_argument(
+        "--mixed-warmup",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="mixed: discarded seconds first (5)",
+    )
+    _mixed_shape(parser, prefix="mixed_")
+    parser.set_defaults(func=_run_all)
+
+
 def add_parser(subparsers: SubParsers) -> None:
     """Register ``dt bench`` and its benchmarks."""
     bench = subparsers.add_parser("bench", help="benchmarks (SPEC §10)")
@@ -320,3 +610,5 @@ def add_parser(subparsers: SubParsers) -> None:
     _add_heartbeats(sub)
     _add_assign(sub)
     _add_join(sub)
+    _add_mixed(sub)
+    _add_all(sub)

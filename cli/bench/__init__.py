@@ -8,6 +8,13 @@ only means something on the machine it was taken on.
 
 Modules:
 
+* :mod:`.all` - ``dt bench all``: every benchmark, then ``BENCHMARKS.md``
+  (rendered by :mod:`.markdown`, a pure function of the results);
+* :mod:`.mixed` - ``dt bench mixed``: 2 GCs, 3 MCs, 2 MHs under a steady
+  mix of first joins and re-joins (the join bench's stack and generator);
+* :mod:`.join`, :mod:`.assign` - ``dt bench join`` / ``dt bench assign``, with
+  their load generators (:mod:`.join_loadgen`, :mod:`.assign_loadgen`) and
+  floors (:mod:`.join_floor`, :mod:`.assign_floor`);
 * :mod:`.heartbeats` - ``dt bench heartbeats``: the orchestration;
 * :mod:`.loadgen` - the closed-loop load generator (``python -m``, plain asyncio);
 * :mod:`.floor` - the bare grpclib + asyncpg heartbeat server (``python -m``);

@@ -71,6 +71,7 @@ from darktower.cli.bench.procs import (
 )
 from darktower.cli.bench.report import (
     REDIS,
+    Presentation,
     SystemRow,
     Target,
     ratio,
@@ -480,14 +481,15 @@ def _extra_lines(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: How ``dt bench assign`` prints its figures.
+PRESENTATION = Presentation("assign", _extra_lines, unit="accept", backend=REDIS)
+
+
 def run_assign(options: AssignOptions) -> int:
     """The ``dt bench assign`` handler (see :func:`report.run_and_report`)."""
     return run_and_report(
         lambda: measure(options),
-        title="assign",
-        extra_lines=_extra_lines,
+        PRESENTATION,
         json_path=options.json_path,
-        unit="accept",
-        backend=REDIS,
         expected_errors=(BenchError, EmbeddedServerError),
     )

@@ -20,6 +20,7 @@ import secrets
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -206,3 +207,39 @@ async def _insert_fleet(pool: asyncpg.Pool, mcs: int, stale_every: int) -> list[
     # What autovacuum would have done long before a fleet this size is swept.
     await pool.execute("ANALYZE meeting_controllers")
     return [row["controller_id"] for row in rows if row["stale"]]
+
+
+def clock(dsn: str) -> datetime:
+    """The database's clock now (assignment times are on it)."""
+
+    async def read(pool: asyncpg.Pool) -> datetime:
+        value: datetime = await pool.fetchval("SELECT clock_timestamp()")
+        return value
+
+    return _with_pool(dsn, read)
+
+
+def assignments_since(dsn: str, since: datetime) -> dict[str, dict[str, int]]:
+    """Assignments recorded at or after ``since`` (database clock), by MC -
+    every registered MC listed, those given none with 0 - and by the GC that
+    recorded them: how a load was spread."""
+
+    async def read(pool: asyncpg.Pool) -> dict[str, dict[str, int]]:
+        by_mc = await pool.fetch(
+            "SELECT c.controller_id, count(a.meeting_id) AS n"
+            " FROM meeting_controllers c LEFT JOIN meeting_assignments a"
+            "   ON a.meeting_controller_id = c.controller_id AND a.assigned_at >= $1"
+            " GROUP BY c.controller_id ORDER BY c.controller_id",
+            since,
+        )
+        by_gc = await pool.fetch(
+            "SELECT assigned_by_gc_id, count(*) AS n FROM meeting_assignments"
+            " WHERE assigned_at >= $1 GROUP BY 1 ORDER BY 1",
+            since,
+        )
+        return {
+            "by_mc": {row[0]: int(row["n"]) for row in by_mc},
+            "by_gc": {row[0]: int(row["n"]) for row in by_gc},
+        }
+
+    return _with_pool(dsn, read)

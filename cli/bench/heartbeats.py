@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from darktower.cli.bench import database
 from darktower.cli.bench.floor import fast_heartbeat_sql
@@ -50,7 +51,14 @@ from darktower.cli.bench.procs import (
     stop_and_report,
     wait_http_ok,
 )
-from darktower.cli.bench.report import SystemRow, Target, ratio, run_and_report, target_figures
+from darktower.cli.bench.report import (
+    Presentation,
+    SystemRow,
+    Target,
+    ratio,
+    run_and_report,
+    target_figures,
+)
 from darktower.gc.config import VARIABLES as GC_VARIABLES
 from darktower.gc.repositories import meeting_controllers
 from darktower.shared.devstack import EmbeddedServerError
@@ -241,6 +249,7 @@ def measure(options: HeartbeatOptions) -> Measurement:
         dsn = stack.enter_context(database.bench_database(server_dsn))
         pg = database.prepare(dsn)
         pg["where"] = database.describe_server(server_dsn)
+        pg["database"] = urlsplit(dsn).path.lstrip("/")
         machine["postgresql"] = pg
         bench_keys = BenchKeys.create(workdir / "keys")
         mc_ids = [f"mc-bench-{i:05d}" for i in range(options.mcs)]
@@ -364,12 +373,15 @@ def _extra_lines(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: How ``dt bench heartbeats`` prints its figures.
+PRESENTATION = Presentation("heartbeats", _extra_lines)
+
+
 def run_heartbeats(options: HeartbeatOptions) -> int:
     """The ``dt bench heartbeats`` handler (see :func:`report.run_and_report`)."""
     return run_and_report(
         lambda: measure(options),
-        title="heartbeats",
-        extra_lines=_extra_lines,
+        PRESENTATION,
         json_path=options.json_path,
         expected_errors=(BenchError, EmbeddedServerError),
     )

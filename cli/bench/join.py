@@ -94,6 +94,7 @@ from darktower.cli.bench.procs import (
     wait_http_ok,
 )
 from darktower.cli.bench.report import (
+    Presentation,
     SystemRow,
     Target,
     ratio,
@@ -234,8 +235,9 @@ def first_join_count(rate: int, warmup_s: float, duration_s: float) -> int:
 
 
 @dataclass
-class _Run:
-    """The state shared by the phases of one bench run."""
+class JoinRun:
+    """The state shared by the phases of one run of the join stack (this
+    bench's, and :mod:`.mixed`'s)."""
 
     options: JoinOptions
     workdir: Path
@@ -244,6 +246,8 @@ class _Run:
     keys: BenchKeys
     org_id: str
     user_tokens: list[str]
+    #: The Redis server's process, when it runs on this machine (CPU accounting).
+    redis_pid: int | None = None
     jobs: int = 0
     #: Meetings created and joined once before the re-join phases.
     pool: list[str] = field(default_factory=list)
@@ -273,7 +277,7 @@ class _Run:
 
 
 @dataclass
-class _Server:
+class Server:
     """A server under load: its process and HTTP port."""
 
     child: Child
@@ -281,7 +285,7 @@ class _Server:
     backend_cpu: Callable[[], float] = postgres_cpu
 
 
-def _start_job(run: _Run, name: str, config: JoinLoadConfig) -> Child:
+def _start_job(run: JoinRun, name: str, config: JoinLoadConfig) -> Child:
     run.jobs += 1
     path = run.workdir / f"job-{run.jobs:03d}-{name}.json"
     config.dump(path)
@@ -294,11 +298,19 @@ def _start_job(run: _Run, name: str, config: JoinLoadConfig) -> Child:
     )
 
 
-def _job(
-    run: _Run, name: str, config: JoinLoadConfig, budget_s: float, server: _Server | None = None
+def run_job(
+    run: JoinRun,
+    name: str,
+    config: JoinLoadConfig,
+    budget_s: float,
+    server: Server | None = None,
+    *,
+    on_window: Callable[[str, Child], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float | None]]:
     """Run one load-generator job to its result; with ``server``, CPU is
-    accounted over the measured window."""
+    accounted over the measured window. ``on_window(event, generator)`` is
+    called at ``measure_start`` and ``measure_end`` (a caller accounting
+    CPU its own way)."""
     generator = _start_job(run, name, config)
     deadline = time.monotonic() + budget_s + _LOADGEN_SLACK_S
     before: CpuSample | None = None
@@ -308,6 +320,8 @@ def _job(
         while True:
             line = generator.next_line(deadline)
             event = line.pop("event", None)
+            if on_window is not None and event in ("measure_start", "measure_end"):
+                on_window(event, generator)
             if server is None:
                 pass
             elif event == "measure_start":
@@ -331,11 +345,11 @@ def _job(
     return result, cpu
 
 
-def _sample(server: _Server, generator: Child) -> CpuSample:
+def _sample(server: Server, generator: Child) -> CpuSample:
     return cpu_sample(server.child.proc.pid, generator.proc.pid, backend_cpu=server.backend_cpu)
 
 
-def _settle(server: _Server) -> float:
+def _settle(server: Server) -> float:
     """Wait (bounded) until the server is idle; the seconds waited. An
     overloaded phase leaves a backlog of requests whose clients gave up (the
     server does not stop work on a closed connection), and the next phase
@@ -357,23 +371,23 @@ def _settle(server: _Server) -> float:
 # The stack: GC, simulated MHs, MCs
 
 
-def _gc_env(run: _Run, http_port: int, grpc_port: int) -> dict[str, str]:
+def _gc_env(run: JoinRun, http_port: int, grpc_port: int, gc_id: str) -> dict[str, str]:
     env = run.base_env()
     env.update(
         DATABASE_URL=run.dsn,
         AUTH_JWKS=str(run.keys.jwks_path),
         GC_SIGNING_KEY=str(run.keys.directory / "signing_key.pem"),
-        GC_SERVICE_TOKEN=run.keys.gc_token(GC_ID),
+        GC_SERVICE_TOKEN=run.keys.gc_token(gc_id),
         GC_GRPC_ADDR=f"127.0.0.1:{grpc_port}",
         GC_HTTP_ADDR=f"127.0.0.1:{http_port}",
-        GC_ID=GC_ID,
+        GC_ID=gc_id,
         GC_LOG_LEVEL="WARNING",
         **GC_ENV,
     )
     return env
 
 
-def _mc_env(run: _Run, index: int, grpc_port: int, gc_grpc_port: int) -> dict[str, str]:
+def _mc_env(run: JoinRun, index: int, grpc_port: int, gc_grpc_port: int) -> dict[str, str]:
     mc_id = f"{MC_ID_PREFIX}{index + 1}"
     env = run.base_env()
     env.update(
@@ -395,26 +409,54 @@ def _mc_env(run: _Run, index: int, grpc_port: int, gc_grpc_port: int) -> dict[st
     return env
 
 
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """The running stack: its GCs (HTTP servers under load), MCs and the
+    simulated MHs' process, and the probe's result (a real join response)."""
+
+    gcs: list[Server]
+    mcs: list[Child]
+    mhs: Child
+    probe: dict[str, Any]
+
+
+def gc_id(index: int) -> str:
+    """The id of GC number ``index`` of a stack (the first is the join bench's)."""
+    return GC_ID if index == 0 else f"{GC_ID}-{index + 1}"
+
+
 @contextlib.contextmanager
-def _stack(run: _Run) -> Iterator[tuple[_Server, dict[str, Any]]]:
-    """GC, simulated MHs and MCs, all ready; stopped (MCs, MHs, GC) at the end.
-    Also yields the probe's result."""
+def running_stack(run: JoinRun, *, gcs: int = 1) -> Iterator[Stack]:
+    """``gcs`` GCs on the one database, simulated MHs (registered with the
+    first) and ``run.options.mcs`` MCs (registered with the GCs in turn), all
+    ready; stopped (MCs, MHs, GCs) at the end."""
     with contextlib.ExitStack() as stack:
-        http_port, grpc_port = free_port(), free_port()
-        progress("GC (python -m darktower.gc): starting")
-        gc = Child.start(
-            "gc",
-            [sys.executable, "-m", "darktower.gc"],
-            env=_gc_env(run, http_port, grpc_port),
-            log_dir=run.workdir,
-        )
-        stack.callback(stop_and_report, gc, "GC")
-        wait_http_ok(gc, f"http://127.0.0.1:{http_port}/health/ready", _GC_READY_TIMEOUT_S)
+        servers: list[Server] = []
+        grpc_ports: list[int] = []
+        for index in range(gcs):
+            http_port, grpc_port = free_port(), free_port()
+            name = "GC" if gcs == 1 else f"GC {index + 1}"
+            progress(f"{name} (python -m darktower.gc): starting")
+            gc = Child.start(
+                "gc" if index == 0 else f"gc-{index + 1}",
+                [sys.executable, "-m", "darktower.gc"],
+                env=_gc_env(run, http_port, grpc_port, gc_id(index)),
+                log_dir=run.workdir,
+            )
+            stack.callback(stop_and_report, gc, name)
+            servers.append(Server(gc, http_port))
+            grpc_ports.append(grpc_port)
+        for server in servers:
+            wait_http_ok(
+                server.child,
+                f"http://127.0.0.1:{server.port}/health/ready",
+                _GC_READY_TIMEOUT_S,
+            )
 
         mhs = Child.start(
             "mh-sim",
             mh_sim_cmd.command(
-                gc_url=f"http://127.0.0.1:{grpc_port}",
+                gc_url=f"http://127.0.0.1:{grpc_ports[0]}",
                 count=MH_COUNT,
                 keys_dir=run.keys.directory,
                 id_prefix=MH_ID_PREFIX,
@@ -436,7 +478,7 @@ def _stack(run: _Run) -> Iterator[tuple[_Server, dict[str, Any]]]:
         progress(f"MCs (python -m darktower.mc): starting {run.options.mcs}")
         mcs: list[tuple[Child, str]] = []
         for index in range(run.options.mcs):
-            env = _mc_env(run, index, free_port(), grpc_port)
+            env = _mc_env(run, index, free_port(), grpc_ports[index % gcs])
             mc = Child.start(
                 env["MC_ID"], [sys.executable, "-m", "darktower.mc"], env=env, log_dir=run.workdir
             )
@@ -445,14 +487,15 @@ def _stack(run: _Run) -> Iterator[tuple[_Server, dict[str, Any]]]:
         for mc, addr in mcs:
             wait_http_ok(mc, f"http://{addr}/health/ready", _MC_READY_TIMEOUT_S)
         _wait_healthy(run)
-        server = _Server(gc, http_port)
-        probe_config = replace(run.job_config("probe", http_port), ready_timeout_s=_PROBE_TIMEOUT_S)
-        probe, _ = _job(run, "probe", probe_config, _PROBE_TIMEOUT_S)
+        probe_config = replace(
+            run.job_config("probe", servers[0].port), ready_timeout_s=_PROBE_TIMEOUT_S
+        )
+        probe, _ = run_job(run, "probe", probe_config, _PROBE_TIMEOUT_S)
         progress(f"stack ready: probe join after {probe['seconds']:.2f} s")
-        yield server, probe
+        yield Stack(servers, [mc for mc, _ in mcs], mhs, probe)
 
 
-def _wait_healthy(run: _Run) -> None:
+def _wait_healthy(run: JoinRun) -> None:
     """Every MC healthy in the GC's database (its first heartbeat after
     registering), so that joins spread over the whole fleet from the start."""
     deadline = time.monotonic() + _HEALTHY_TIMEOUT_S
@@ -470,7 +513,7 @@ def _wait_healthy(run: _Run) -> None:
 # Phases
 
 
-def _create(run: _Run, server: _Server, count: int, *, join: bool = False) -> list[str]:
+def create_meetings(run: JoinRun, server: Server, count: int, *, join: bool = False) -> list[str]:
     """``count`` new meetings through the API (``join``: each joined once,
     closed-loop, not measured); their codes."""
     config = replace(
@@ -480,7 +523,7 @@ def _create(run: _Run, server: _Server, count: int, *, join: bool = False) -> li
         join=join,
     )
     name = f"{'pool' if join else 'create'}-{count}"
-    result, _ = _job(run, name, config, count / _MIN_CREATE_PER_S * (2 if join else 1))
+    result, _ = run_job(run, name, config, count / _MIN_CREATE_PER_S * (2 if join else 1))
     meetings = result["meetings"]
     if len(meetings) < count:
         what = "created and joined" if join else "created"
@@ -496,8 +539,8 @@ def _label(system: str, kind: str | None, rate: int | None, *, search: bool = Fa
 
 
 def _open_phase(
-    run: _Run,
-    server: _Server,
+    run: JoinRun,
+    server: Server,
     kind: str,
     rate: int,
     codes: list[str],
@@ -517,7 +560,7 @@ def _open_phase(
     key = f"{'floor' if system == 'floor' else kind}@{rate}"
     label = _label(system, None if system == "floor" else kind, rate, search=search)
     budget = opts.warmup_s + opts.duration_s + opts.request_timeout_s
-    result, cpu = _job(run, key, config, budget, server)
+    result, cpu = run_job(run, key, config, budget, server)
     result.pop("failed_codes", None)
     result["settle_s"] = _settle(server)
     latency = result["latency_ms"]
@@ -532,17 +575,19 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _gc_phase(run: _Run, server: _Server, kind: str, rate: int, *, search: bool) -> SystemRow:
+def _gc_phase(run: JoinRun, server: Server, kind: str, rate: int, *, search: bool) -> SystemRow:
     """First joins: fresh meetings, each joined once. Re-joins: the pool."""
     if kind == FIRST:
         opts = run.options
-        codes = _create(run, server, first_join_count(rate, opts.warmup_s, opts.duration_s))
+        codes = create_meetings(run, server, first_join_count(rate, opts.warmup_s, opts.duration_s))
     else:
         codes = run.pool
     return _open_phase(run, server, kind, rate, codes, system="GC", search=search)
 
 
-def _measure_kind(run: _Run, server: _Server, kind: str) -> tuple[list[SystemRow], list[SystemRow]]:
+def _measure_kind(
+    run: JoinRun, server: Server, kind: str
+) -> tuple[list[SystemRow], list[SystemRow]]:
     """The listed rates, then (all passing, and searching) the rates above
     them, growing by ``step`` until one fails or ``max_rate``."""
     opts = run.options
@@ -568,7 +613,7 @@ def _outcomes(rows: Sequence[SystemRow]) -> dict[str, list[tuple[int, bool]]]:
     return found
 
 
-def _saturation(run: _Run, server: _Server, codes: list[str], system: str) -> SystemRow:
+def _saturation(run: JoinRun, server: Server, codes: list[str], system: str) -> SystemRow:
     opts = run.options
     config = replace(
         run.job_config("closed", server.port),
@@ -579,13 +624,13 @@ def _saturation(run: _Run, server: _Server, codes: list[str], system: str) -> Sy
     )
     key = f"{'floor' if system == 'floor' else REJOIN}_saturation"
     label = f"{system}{' re-join' if system == 'GC' else ''}, saturation ({opts.concurrency} conn.)"
-    result, cpu = _job(run, key, config, opts.warmup_s + opts.duration_s, server)
+    result, cpu = run_job(run, key, config, opts.warmup_s + opts.duration_s, server)
     result["settle_s"] = _settle(server)
     progress(f"{label}: {result['throughput']:,.1f}/s, errors {result['errors']}")
     return SystemRow(key, label, result, cpu)
 
 
-def _floor(run: _Run, body: bytes, codes: list[str]) -> list[SystemRow]:
+def _floor(run: JoinRun, body: bytes, codes: list[str]) -> list[SystemRow]:
     body_path = run.workdir / "join-response.json"
     body_path.write_bytes(body)
     body_path.chmod(0o600)
@@ -595,7 +640,7 @@ def _floor(run: _Run, body: bytes, codes: list[str]) -> list[SystemRow]:
     floor = Child.start("floor", argv, env=run.base_env(), log_dir=run.workdir, json_stdout=True)
     try:
         ready = floor.next_line(time.monotonic() + _FLOOR_READY_TIMEOUT_S)
-        server = _Server(floor, int(ready["port"]))
+        server = Server(floor, int(ready["port"]))
         rows = [
             _open_phase(run, server, REJOIN, rate, codes, system="floor")
             for rate in run.options.rates
@@ -653,7 +698,7 @@ def _delete_meeting_keys(redis_url: str, meeting_ids: list[str]) -> dict[str, in
     return _run_async(delete)
 
 
-def _cleanup(run: _Run, into: dict[str, Any]) -> None:
+def _cleanup(run: JoinRun, into: dict[str, Any]) -> None:
     """After every process stopped, before the database is dropped."""
     progress("cleaning up")
     try:
@@ -662,6 +707,45 @@ def _cleanup(run: _Run, into: dict[str, Any]) -> None:
         into.update(_delete_meeting_keys(run.redis_url, ids))
     except (coredis.exceptions.RedisError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
         progress(f"warning: could not delete the bench's Redis keys: {exc}")
+
+
+@contextlib.contextmanager
+def prepared_run(
+    options: JoinOptions, machine: dict[str, Any], cleanup: dict[str, Any]
+) -> Iterator[JoinRun]:
+    """Everything a run of the join stack needs before a process starts:
+    Redis, a fresh bench database with the schema, a signing key and the
+    user tokens of one org. The facts of both stores go into ``machine``.
+    On the way out (after whatever ran inside stopped) the run's Redis keys
+    are deleted - their counts go into ``cleanup`` - the database is
+    dropped and the files are removed."""
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dt-bench-")))
+        redis_url, where = stack.enter_context(_redis(options))
+        redis = _redis_facts(redis_url)
+        redis["where"] = where
+        redis_pid = redis.pop("process_id", None)
+        machine["redis"] = redis
+        progress(f"database: {database.describe_server(options.database_url)}")
+        dsn = stack.enter_context(database.bench_database(options.database_url))
+        pg = database.prepare(dsn)
+        pg["where"] = database.describe_server(options.database_url)
+        pg["database"] = urlsplit(dsn).path.lstrip("/")
+        machine["postgresql"] = pg
+        bench_keys = BenchKeys.create(workdir / "keys")
+        org_id = str(uuid.uuid4())
+        user_tokens = [
+            tokens.mint_user_token(
+                bench_keys.private_key, kid=bench_keys.kid, user_id=f"bench-user-{i}", org_id=org_id
+            )
+            for i in range(USERS)
+        ]
+        run = JoinRun(options, workdir, dsn, redis_url, bench_keys, org_id, user_tokens)
+        run.redis_pid = int(redis_pid) if redis_pid is not None else None
+        # Registered before any process starts, so the keys go even when a
+        # phase fails; it runs after the stack is stopped (LIFO).
+        stack.callback(_cleanup, run, cleanup)
+        yield run
 
 
 @contextlib.contextmanager
@@ -701,37 +785,15 @@ def measure(options: JoinOptions) -> Measurement:
     floor_rows: list[SystemRow] = []
     cleanup: dict[str, Any] = {}
     probe: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dt-bench-")))
-        redis_url, where = stack.enter_context(_redis(options))
-        redis = _redis_facts(redis_url)
-        redis["where"] = where
-        redis.pop("process_id", None)
-        machine["redis"] = redis
-        progress(f"database: {database.describe_server(options.database_url)}")
-        dsn = stack.enter_context(database.bench_database(options.database_url))
-        pg = database.prepare(dsn)
-        pg["where"] = database.describe_server(options.database_url)
-        pg["database"] = urlsplit(dsn).path.lstrip("/")
-        machine["postgresql"] = pg
-        bench_keys = BenchKeys.create(workdir / "keys")
-        org_id = str(uuid.uuid4())
-        user_tokens = [
-            tokens.mint_user_token(
-                bench_keys.private_key, kid=bench_keys.kid, user_id=f"bench-user-{i}", org_id=org_id
-            )
-            for i in range(USERS)
-        ]
-        run = _Run(options, workdir, dsn, redis_url, bench_keys, org_id, user_tokens)
-        # Registered before any process starts, so the keys go even when a
-        # phase fails; it runs after the stack is stopped (LIFO).
-        stack.callback(_cleanup, run, cleanup)
-        with _stack(run) as (server, probe):
+    with prepared_run(options, machine, cleanup) as run:
+        with running_stack(run) as stack:
+            server = stack.gcs[0]
+            probe = stack.probe
             # Re-joins first: an overloaded first-join phase leaves the GC a
             # backlog (bounded by its request deadline) that no later phase
             # should meet, and re-joins must not depend on first joins' outcome.
             progress(f"re-join pool: creating and joining {options.meetings} meetings")
-            run.pool = _create(run, server, options.meetings, join=True)
+            run.pool = create_meetings(run, server, options.meetings, join=True)
             listed, searched = _measure_kind(run, server, REJOIN)
             saturation_rows.append(_saturation(run, server, run.pool, "GC"))
             gc_rows += listed
@@ -762,7 +824,7 @@ def _table_rows(
 
 def _measurement(
     options: JoinOptions,
-    run: _Run,
+    run: JoinRun,
     machine: dict[str, Any],
     rows: list[SystemRow],
     probe: dict[str, Any],
@@ -914,13 +976,15 @@ def _extra_lines(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: How ``dt bench join`` prints its figures.
+PRESENTATION = Presentation("join", _extra_lines, unit="join")
+
+
 def run_join(options: JoinOptions) -> int:
     """The ``dt bench join`` handler (see :func:`report.run_and_report`)."""
     return run_and_report(
         lambda: measure(options),
-        title="join",
-        extra_lines=_extra_lines,
+        PRESENTATION,
         json_path=options.json_path,
-        unit="join",
         expected_errors=(BenchError, EmbeddedServerError),
     )

@@ -26,6 +26,11 @@ One process runs one *job* (``mode`` in the config file):
   digits); the warm-up before it is discarded.
 * ``closed`` - saturation: ``concurrency`` connections each sending the next
   re-join as soon as the previous one answered (:func:`.loadgen.measure_closed_loop`).
+* ``mixed`` - open loop as ``open``, over several servers (``port`` and
+  ``also_ports``, e.g. two GCs) and both kinds of join at once: a share
+  ``first_share`` of the requests are first joins (``first_codes``, each
+  once), the rest re-joins (``codes`` round-robin), spread evenly
+  (:func:`mixed_schedule`). Latency is also recorded per kind and per server.
 
 (The bench's simulated MHs are ``dt mh-sim``, :mod:`darktower.cli.mh_sim`.)
 
@@ -44,7 +49,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +59,7 @@ from hdrh.histogram import HdrHistogram
 
 from darktower.cli.bench.loadgen import _emit, _error_name, measure_closed_loop
 
-MODES = ("create", "probe", "open", "closed")
+MODES = ("create", "probe", "open", "closed", "mixed")
 #: Latencies in µs between 1 µs and one minute, three significant digits.
 _HISTOGRAM_MAX_US = 60_000_000
 #: The first intended send time is this far ahead of the schedule's start,
@@ -84,6 +90,12 @@ class JoinLoadConfig:
     duration_s: float = 0.0
     timeout_s: float = 5.0
     ready_timeout_s: float = 60.0
+    #: ``mixed``: further servers, joined round-robin with ``port``.
+    also_ports: list[int] = field(default_factory=list)
+    #: ``mixed``: meetings never joined yet, one per first join.
+    first_codes: list[str] = field(default_factory=list)
+    #: ``mixed``: the share of requests that are first joins (0 to 1).
+    first_share: float = 0.0
 
     @classmethod
     def load(cls, path: Path) -> JoinLoadConfig:
@@ -99,6 +111,11 @@ class JoinLoadConfig:
             raise ValueError("open loop needs a positive rate and codes")
         if config.mode == "closed" and not config.codes:
             raise ValueError("closed loop needs codes")
+        if config.mode == "mixed":
+            if config.rate <= 0 or not 0 <= config.first_share <= 1:
+                raise ValueError("mixed needs a positive rate and a first_share from 0 to 1")
+            if config.first_share < 1 and not config.codes:
+                raise ValueError("mixed needs codes for its re-joins")
         return config
 
     def dump(self, path: Path) -> None:
@@ -387,13 +404,42 @@ def open_loop_counts(rate: float, warmup_s: float, duration_s: float) -> tuple[i
 OpenCall = Callable[[int], Awaitable[str | None]]
 
 
+class _ClassFigures:
+    """What one class of requests (a kind of join, a server) got in the
+    measured window."""
+
+    def __init__(self) -> None:
+        self.latency = HdrHistogram(1, _HISTOGRAM_MAX_US, 3)
+        self.errors: Counter[str] = Counter()
+        self.ok = 0
+        self.ok_in_window = 0
+        self.sent = 0
+
+    def result(self, duration_s: float) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "calls": self.ok,
+            "throughput": self.ok_in_window / duration_s if duration_s > 0 else 0.0,
+            "latency_ms": _percentiles(self.latency, self.ok),
+            "errors": dict(self.errors),
+        }
+
+
 async def measure_open_loop(
-    *, rate: float, warmup_s: float, duration_s: float, timeout_s: float, call: OpenCall
+    *,
+    rate: float,
+    warmup_s: float,
+    duration_s: float,
+    timeout_s: float,
+    call: OpenCall,
+    classes: Callable[[int], Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Send request ``i`` at ``t0 + i / rate`` (whatever became of the
     earlier ones) and time it from that intended instant to its completion.
     A request still unanswered ``timeout_s`` after its intended time -
-    waiting for a connection included - is a ``CLIENT_TIMEOUT``."""
+    waiting for a connection included - is a ``CLIENT_TIMEOUT``. With
+    ``classes``, each measured request is also counted under every label
+    ``classes(i)`` names (``by_class`` in the result)."""
     loop = asyncio.get_running_loop()
     warmup, measured = open_loop_counts(rate, warmup_s, duration_s)
     interval = 1.0 / rate
@@ -405,6 +451,12 @@ async def measure_open_loop(
     errors: Counter[str] = Counter()
     counts = {"sent": 0, "ok": 0, "ok_in_window": 0, "warmup_ok": 0, "warmup_errors": 0}
     failed: list[int] = []
+    by_class: dict[str, _ClassFigures] = {}
+
+    def labels(i: int) -> list[_ClassFigures]:
+        if classes is None:
+            return []
+        return [by_class.setdefault(label, _ClassFigures()) for label in classes(i)]
 
     async def one(i: int, intended: float) -> None:
         try:
@@ -413,17 +465,25 @@ async def measure_open_loop(
         except TimeoutError:
             failure = "CLIENT_TIMEOUT"
         end = loop.time()
+        in_window = failure is None and window_start <= end < window_end
         if failure is not None:
             failed.append(i)
-        elif window_start <= end < window_end:
+        elif in_window:
             counts["ok_in_window"] += 1
+        for figures in labels(i):
+            figures.ok_in_window += in_window
         if i < warmup:
             counts["warmup_errors" if failure else "warmup_ok"] += 1
         elif failure is not None:
             errors[failure] += 1
+            for figures in labels(i):
+                figures.errors[failure] += 1
         else:
             counts["ok"] += 1
             latency.record_value(_us(end - intended))
+            for figures in labels(i):
+                figures.ok += 1
+                figures.latency.record_value(_us(end - intended))
 
     async def markers() -> None:
         await asyncio.sleep(max(window_start - loop.time(), 0.0))
@@ -441,6 +501,8 @@ async def measure_open_loop(
         if i >= warmup:
             counts["sent"] += 1
             lag.record_value(_us(max(loop.time() - intended, 0.0)))
+            for figures in labels(i):
+                figures.sent += 1
         task = asyncio.create_task(one(i, intended))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -448,7 +510,13 @@ async def measure_open_loop(
     if tasks:
         await asyncio.gather(*tasks)
     ok = counts["ok"]
+    extra: dict[str, Any] = {}
+    if classes is not None:
+        extra["by_class"] = {
+            label: figures.result(duration_s) for label, figures in sorted(by_class.items())
+        }
     return {
+        **extra,
         "rate": rate,
         "sent": counts["sent"],
         "calls": ok,
@@ -491,6 +559,86 @@ async def _open(config: JoinLoadConfig, client: Client) -> dict[str, object]:
     return result
 
 
+FIRST_JOIN = "first_join"
+RE_JOIN = "re_join"
+
+
+@dataclass(frozen=True, slots=True)
+class MixedRequest:
+    """Where request ``i`` of a mixed run goes and what it joins."""
+
+    first: bool
+    #: The request's number among those of its kind (first joins consume
+    #: meetings in this order; re-joins cycle over theirs with it).
+    index: int
+    #: Which server (0 = ``port``, then ``also_ports``).
+    server: int
+
+    @property
+    def kind(self) -> str:
+        return FIRST_JOIN if self.first else RE_JOIN
+
+
+def mixed_schedule(total: int, first_share: float, servers: int) -> list[MixedRequest]:
+    """The ``total`` requests of a mixed run. First joins are spread evenly
+    (request ``i`` is one when ``floor((i + 1) * share)`` steps up), so every
+    stretch of the run has the same mix; each kind takes the servers in turn
+    by its own count, so neither kind lands on one server when the share and
+    the server count line up (a share of 1/2 over two servers)."""
+    share = Fraction(first_share).limit_denominator(10_000)
+    counts = {True: 0, False: 0}
+    plan = []
+    for i in range(total):
+        first = (i + 1) * share // 1 > i * share // 1
+        index = counts[first]
+        counts[first] += 1
+        plan.append(MixedRequest(first, index, index % servers))
+    return plan
+
+
+def mixed_first_joins(rate: float, warmup_s: float, duration_s: float, first_share: float) -> int:
+    """Meetings a mixed run consumes for its first joins (warm-up included)."""
+    total = sum(open_loop_counts(rate, warmup_s, duration_s))
+    return sum(request.first for request in mixed_schedule(total, first_share, 1))
+
+
+async def _mixed(config: JoinLoadConfig, client: Client) -> dict[str, object]:
+    total = sum(open_loop_counts(config.rate, config.warmup_s, config.duration_s))
+    clients = [client] + [
+        Client(replace(config, port=port), config.max_connections) for port in config.also_ports
+    ]
+    plan = mixed_schedule(total, config.first_share, len(clients))
+    firsts = sum(request.first for request in plan)
+    if len(config.first_codes) < firsts:
+        raise SystemExit(f"first joins need {firsts} meetings, got {len(config.first_codes)}")
+
+    async def join(i: int) -> str | None:
+        request = plan[i]
+        if request.first:
+            code = config.first_codes[request.index]
+        else:
+            code = config.codes[request.index % len(config.codes)]
+        failure, _ = await clients[request.server].join(code, i)
+        return failure
+
+    try:
+        result = await measure_open_loop(
+            rate=config.rate,
+            warmup_s=config.warmup_s,
+            duration_s=config.duration_s,
+            timeout_s=config.timeout_s,
+            call=join,
+            classes=lambda i: (plan[i].kind, f"server_{plan[i].server}"),
+        )
+    finally:
+        for extra in clients[1:]:
+            extra.close()
+    result.pop("failed_indices")
+    result["first_share"] = config.first_share
+    result["connections"] = sum(c.connections for c in clients)
+    return result
+
+
 async def _closed(config: JoinLoadConfig, client: Client) -> dict[str, object]:
     codes = config.codes
     next_index = 0
@@ -524,6 +672,7 @@ _JOBS: dict[str, Callable[[JoinLoadConfig, Client], Awaitable[dict[str, object]]
     "probe": _probe,
     "open": _open,
     "closed": _closed,
+    "mixed": _mixed,
 }
 
 

@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -305,6 +305,58 @@ def cpu_usage(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class GroupSample:
+    """CPU seconds used so far by named groups of processes (several GCs,
+    several MCs, ...) and the machine's busy/total seconds: the accounting of
+    a scenario with more than one server."""
+
+    at: float
+    groups: dict[str, float]
+    machine_busy: float
+    machine_total: float
+
+
+def group_sample(groups: Mapping[str, Callable[[], float]]) -> GroupSample:
+    """Sample now; each group's callable returns its CPU seconds so far."""
+    machine = psutil.cpu_times()
+    idle = machine.idle + getattr(machine, "iowait", 0.0)
+    total = sum(machine)
+    return GroupSample(
+        at=time.monotonic(),
+        groups={name: cpu() for name, cpu in groups.items()},
+        machine_busy=total - idle,
+        machine_total=total,
+    )
+
+
+def pids_cpu(pids: Iterable[int]) -> Callable[[], float]:
+    """A group's CPU seconds: the sum over ``pids`` (gone ones count 0)."""
+    frozen = tuple(pids)
+    return lambda: sum(process_cpu(pid) for pid in frozen)
+
+
+def group_usage(
+    before: GroupSample, after: GroupSample, calls: int, *, server: str
+) -> dict[str, float | None]:
+    """As :func:`cpu_usage`, per group (``<group>_pct``); ``server`` names the
+    group whose CPU time per call is ``server_us_per_call`` and whose
+    utilisation is also ``server_pct``."""
+    wall = after.at - before.at
+    machine_total = after.machine_total - before.machine_total
+    if wall <= 0 or machine_total <= 0:
+        return {}
+    used = {name: after.groups[name] - before.groups.get(name, 0.0) for name in after.groups}
+    usage: dict[str, float | None] = {f"{name}_pct": 100 * s / wall for name, s in used.items()}
+    machine = 100 * (after.machine_busy - before.machine_busy) / machine_total
+    cores = os.cpu_count() or 1
+    usage["server_pct"] = usage.get(f"{server}_pct")
+    usage["machine_pct"] = machine
+    usage["other_pct"] = max(machine * cores - 100 * sum(used.values()) / wall, 0.0)
+    usage["server_us_per_call"] = used.get(server, 0.0) * 1e6 / calls if calls else None
+    return usage
+
+
 # --------------------------------------------------------------------------
 # The machine
 
@@ -323,9 +375,12 @@ def machine_facts() -> dict[str, object]:
 
     ``busy_before_pct`` is how busy the cores were in the second before the
     bench started: on a two-core machine anything else running skews every
-    figure, and the reader must be able to tell."""
+    figure, and the reader must be able to tell; the load averages say the
+    same over the minutes before."""
+    load_1, load_5, load_15 = os.getloadavg()
     return {
         "busy_before_pct": psutil.cpu_percent(interval=1.0),
+        "load_average": [round(load_1, 2), round(load_5, 2), round(load_15, 2)],
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

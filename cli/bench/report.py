@@ -161,6 +161,7 @@ def render(
         "",
         "targets",
         *(target.line() for target in targets),
+        *([] if targets else ["  none: no issue sets one for this benchmark"]),
     ]
     return "\n".join(out)
 
@@ -216,14 +217,35 @@ class Measured(Protocol):
     def targets(self) -> list[Target]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Presentation:
+    """How a bench's figures are printed: its title, the lines under its
+    table (from the JSON figures), the name of one call and the backing store."""
+
+    title: str
+    extra_lines: Callable[[dict[str, Any]], list[str]]
+    unit: str = "hb"
+    backend: Backend = POSTGRES
+
+    def text(self, result: Measured) -> str:
+        """The printed report of ``result``."""
+        return render(
+            title=self.title,
+            machine=result.figures["machine"],
+            settings=result.figures["settings"],
+            rows=result.rows,
+            extra_lines=self.extra_lines(result.figures),
+            targets=result.targets,
+            unit=self.unit,
+            backend=self.backend,
+        )
+
+
 def run_and_report(
     measure: Callable[[], Measured],
+    presentation: Presentation,
     *,
-    title: str,
-    extra_lines: Callable[[dict[str, Any]], list[str]],
     json_path: Path | None,
-    unit: str = "hb",
-    backend: Backend = POSTGRES,
     expected_errors: tuple[type[Exception], ...] = (),
 ) -> int:
     """A ``dt bench`` handler's whole life: measure (SIGTERM unwinds like
@@ -239,18 +261,7 @@ def run_and_report(
     except expected_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(
-        render(
-            title=title,
-            machine=result.figures["machine"],
-            settings=result.figures["settings"],
-            rows=result.rows,
-            extra_lines=extra_lines(result.figures),
-            targets=result.targets,
-            unit=unit,
-            backend=backend,
-        )
-    )
+    print(presentation.text(result))
     if json_path is not None:
         write_json(json_path, result.figures)
         print(f"\nfigures written to {json_path}")
