@@ -338,6 +338,21 @@ async def test_release_removes_only_the_callers_own_lease(db_pool: asyncpg.Pool)
     assert await acquire(db_pool, meeting_id, b)
 
 
+async def test_release_keeps_the_mark_of_the_last_record(db_pool: asyncpg.Pool) -> None:
+    """A joiner that took a lease freed by a record, found the assignment and
+    released: the record's generation mark must outlive the release, or a
+    join whose snapshot predates the record would trust it."""
+    meeting_id, holder = uuid.uuid4(), uuid.uuid4()
+    assert await acquire(db_pool, meeting_id, holder)
+    await run_aio(db_pool.execute, "UPDATE meeting_assignment_leases SET recorded_generation = 7")
+    await run_aio(assignments.release_lease, db_pool, meeting_id=meeting_id, region=REGION,
+                  holder=holder)  # fmt: skip
+    rows = await run_aio(
+        db_pool.fetch, "SELECT holder, recorded_generation FROM meeting_assignment_leases"
+    )
+    assert [(r["holder"], r["recorded_generation"]) for r in rows] == [(None, 7)]
+
+
 async def test_delete_expired_leases_counts_and_keeps_live_ones(db_pool: asyncpg.Pool) -> None:
     live, dead1, dead2 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     for meeting_id in (live, dead1, dead2):

@@ -167,8 +167,14 @@ WHERE l.holder IS NULL OR l.expires_at < now() OR l.holder = EXCLUDED.holder
 
 _ACQUIRE_LEASE = _LEASE_UPSERT + "RETURNING true\n"
 
+# Releasing frees the row rather than deleting it: the row carries the mark
+# (``recorded_generation``) of the last record, which a concurrent
+# :data:`_BEGIN_ATTEMPT` whose snapshot predates that record relies on. A
+# deleted row would be re-inserted unmarked and the stale snapshot trusted.
+# Free rows are removed by :func:`delete_expired_leases` minutes later.
 _RELEASE_LEASE = """
-DELETE FROM meeting_assignment_leases WHERE meeting_id = $1 AND region = $2 AND holder = $3
+UPDATE meeting_assignment_leases SET holder = NULL, expires_at = now()
+WHERE meeting_id = $1 AND region = $2 AND holder = $3
 """
 
 # One attempt of a first join (SPEC §6.3 steps 1-5), one statement:
@@ -447,7 +453,8 @@ async def release_lease(
     pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, holder: uuid.UUID
 ) -> None:
     """Give the lease back (only ``holder``'s own; a lease taken over since is
-    left to its new holder). Harmless after :func:`record`, which consumes it."""
+    left to its new holder), keeping the row's record mark. Harmless after
+    :func:`record`, which frees it."""
     await pool.execute(_RELEASE_LEASE, meeting_id, region, holder)
 
 
