@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+#: Query parameters of a server URL that carry a secret (libpq's names).
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
 
 
 def positive_int(text: str) -> int:
@@ -38,3 +42,20 @@ def database_url(args: argparse.Namespace) -> str | None:
         )
         return None
     return dsn
+
+
+def redacted_url(url: str) -> str:
+    """A server URL fit to print: the password of its user part and of its
+    query (``?password=``, ``?sslpassword=``) replaced by ``***``; the host is
+    kept as written (IPv6 brackets included)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    netloc = f"{userinfo}{at}{host}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key in _SECRET_QUERY_KEYS for key, _ in pairs):
+        shown = [(key, "***" if key in _SECRET_QUERY_KEYS else value) for key, value in pairs]
+        query = urlencode(shown, safe="*")
+    return parts._replace(netloc=netloc, query=query).geturl()

@@ -225,7 +225,10 @@ async def _serve(options: SimOptions) -> None:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    """SIGTERM outside trio's own receiver: delivered as a SIGINT, so trio's
+    KeyboardInterrupt protection applies (raising here could land inside
+    trio's internals while it starts or stops)."""
+    signal.raise_signal(signal.SIGINT)
 
 
 def run(args: argparse.Namespace) -> int:

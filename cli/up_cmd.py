@@ -53,9 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 from darktower.cli import mh_sim_cmd
+from darktower.cli.args import redacted_url
 from darktower.cli.bench.procs import BenchError, Child, free_port
 from darktower.cli.keys_cmd import JWKS_FILE, SIGNING_KEY_FILE
 from darktower.cli.mh_sim import fleet_specs
@@ -144,16 +144,6 @@ class _Mc:
     grpc_port: int
     http_port: int
     webtransport_endpoint: str
-
-
-def _redacted(url: str) -> str:
-    """A server URL without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    netloc += f":{parts.port}" if parts.port else ""
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _log_tail(child: Child) -> str:
@@ -361,7 +351,7 @@ class _Up:
             ("Redis", redis_url, "$REDIS_URL"),
         ):
             where = "embedded" if name in self._servers else variable
-            self._labels[name] = f"{_redacted(url)} ({where})"
+            self._labels[name] = f"{redacted_url(url)} ({where})"
             self._progress(name, self._labels[name])
 
     def _start_server(self, name: str, server: _Server) -> _Server:

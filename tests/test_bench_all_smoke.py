@@ -100,9 +100,9 @@ def test_the_command_shown_never_carries_a_password() -> None:
         ["bench", "all", "--database-url", "postgresql://u:secret@db:5432/x", "--output=a b.md"]
     )
     assert "secret" not in shown
-    assert shown == "dt bench all --database-url postgresql://u@db:5432/x '--output=a b.md'"
+    assert shown == "dt bench all --database-url 'postgresql://u:***@db:5432/x' '--output=a b.md'"
     assert redact_argv(["bench", "all", "--redis-url=redis://:pw@r/15"]) == (
-        "dt bench all --redis-url=redis://@r/15"
+        "dt bench all '--redis-url=redis://:***@r/15'"
     )
 
 

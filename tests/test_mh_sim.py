@@ -25,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 from gc_harness import DevKeys, gc_environ
-from process_harness import GcProcess, child_environ, fetch, gc_process
+from process_harness import GcProcess, child_environ, fetch, free_port, gc_process
 
 from darktower.cli.__main__ import main as dt_main
 from darktower.cli.mh_sim import (
@@ -562,3 +562,29 @@ async def _run_scenario(
         assert "eyJ" not in sim.stderr()
         assert "Traceback" not in sim.stderr()
         await again.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.dt_timeout(90)
+@pytest.mark.parametrize("after_s", [0.0, 0.3, 0.6, 1.2])
+def test_sigterm_at_any_point_of_the_start_exits_0_without_a_traceback(
+    keys: DevKeys, tmp_path: Path, after_s: float
+) -> None:
+    """SIGTERM from ``dt up`` may arrive while the simulator is still starting
+    (imports, trio starting, registering with a GC that is not there): it
+    must end like Ctrl-C, never with an exception out of trio's internals.
+    The delays sweep the signal across the start; any of them may land
+    before or after trio's own receiver is installed."""
+    argv = [sys.executable, "-m", "darktower.cli", "mh-sim", "--count", "1", "--json"]
+    argv += ["--keys", str(keys.directory), "--gc-url", f"http://127.0.0.1:{free_port()}"]
+    sim = SimProcess(argv, tmp_path / "mh-sim.stderr")
+    try:
+        time.sleep(after_s)  # where in the start the signal lands, not a synchronisation
+        sim.proc.send_signal(signal.SIGTERM)
+        status = sim.proc.wait(timeout=20)
+        # Before the handler is installed (still importing) the default
+        # action ends it: nothing had started, so nothing is left behind.
+        assert status in (0, -signal.SIGTERM), sim.stderr()
+        assert "Traceback" not in sim.stderr()
+    finally:
+        sim.stop()

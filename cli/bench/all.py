@@ -31,10 +31,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from darktower.cli.args import redacted_url
 from darktower.cli.bench import assign, heartbeats, join, mixed
 from darktower.cli.bench.assign import AssignOptions
 from darktower.cli.bench.heartbeats import HeartbeatOptions
@@ -93,12 +93,8 @@ def redact_argv(argv: Sequence[str]) -> str:
     shown = []
     for arg in argv:
         prefix, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        parts = urlsplit(value) if "://" in value else None
-        if parts is not None and parts.password is not None:
-            netloc = f"{parts.username or ''}@{parts.hostname or ''}" + (
-                f":{parts.port}" if parts.port else ""
-            )
-            value = urlunsplit(parts._replace(netloc=netloc))
+        if "://" in value:
+            value = redacted_url(value)
         shown.append(f"{prefix}{sep}{value}")
     return shlex.join(["dt", *shown])
 
