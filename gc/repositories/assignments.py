@@ -220,9 +220,11 @@ LEFT JOIN ({_active_sql(meeting_id=1, region=2, stale_after_s=6)}) AS active ON 
 #   one committed after this statement's snapshot) yields no row - and then
 #   nothing is written. An expired lease nobody took over is still the
 #   caller's: no other holder can have drawn a newer generation. The row is
-#   kept, free (``holder`` NULL), with the recorded generation: the mark
-#   :func:`begin_attempt` needs to notice a record its snapshot missed (it is
-#   deleted with the other old leases, five minutes later).
+#   kept, free (``holder`` NULL), marked with this attempt's generation: the
+#   mark :func:`begin_attempt` needs to notice a record its snapshot missed
+#   (it is deleted with the other old leases, five minutes later). A record
+#   that loses marks it too; that only costs a later joiner one extra read
+#   (:func:`find_active`), never a wrong answer.
 # * ``won`` inserts, or replaces an ended row or an active row whose MC is not
 #   live. ON CONFLICT ... DO UPDATE ... WHERE judges the conflicting row in its
 #   newest committed version (not this statement's snapshot), so a live row a
