@@ -25,16 +25,15 @@ One trio task per MH, modelled on the MC's GC task (:mod:`darktower.mc.gc_task`)
   (``trio.current_time()``, so tests drive it with ``MockClock``): the load
   fraction sets streams (of ``max_streams``), CPU and bandwidth.
 
-The gRPC side is grpclib on the asyncio loop that trio-asyncio runs; every
-call crosses the seam once (:func:`darktower.shared.seam.run_aio`), and every
-library failure leaves :class:`GrpcMhRegistry` as one of two exceptions,
-:class:`NotRegistered` or :class:`RegistryUnavailable`. Tests replace the
-client with a fake implementing :class:`MhRegistry`.
+The gRPC side is the MC's (:mod:`darktower.shared.gc_calls`): one channel,
+each call bounded and crossing the seam once, and every library failure
+leaving :class:`GrpcMhRegistry` as :class:`NotRegistered` or
+:class:`GcUnavailable`. Tests replace the client with a fake implementing
+:class:`MhRegistry`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import time
@@ -42,21 +41,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import NoReturn, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 import trio
-from grpclib.client import Channel, UnaryUnaryMethod
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from darktower.mc.backoff import Backoff, Rng
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
 from darktower.shared import validation
 from darktower.shared.config import Secret
+from darktower.shared.gc_calls import (
+    GcChannel,
+    GcError,
+    GcUnavailable,
+    NotRegistered,
+    gc_host_port,
+    open_gc_channel,
+)
 from darktower.shared.keys import Ed25519PrivateKey
 from darktower.shared.logging import get_logger
-from darktower.shared.seam import run_aio
 from darktower.shared.tokens import SERVICE_TOKEN_TTL_S, mint_mh_token
 
 __all__ = [
@@ -66,6 +68,8 @@ __all__ = [
     "DEFAULT_REPORT_INTERVAL_S",
     "DEFAULT_WEBTRANSPORT_BASE_PORT",
     "DEFAULT_ZONES",
+    "GcError",
+    "GcUnavailable",
     "GrpcMhRegistry",
     "LoadPattern",
     "MhFleet",
@@ -74,8 +78,6 @@ __all__ = [
     "MhStatistics",
     "MintedTokens",
     "NotRegistered",
-    "RegistryError",
-    "RegistryUnavailable",
     "SimulatedMh",
     "StaticTokens",
     "TokenSource",
@@ -106,7 +108,6 @@ REGISTER_TIMEOUT_S = 10.0
 REPORT_TIMEOUT_S = 5.0
 #: Added to an RPC's deadline for this module's own bound on the call.
 _CALL_SLACK_S = 1.0
-_CLOSE_TIMEOUT_S = 2.0
 _MAX_DETAIL = 200
 #: Memory in use at zero load and at full load (percent): a media server
 #: holds its buffers whatever the load.
@@ -317,27 +318,9 @@ class StaticTokens:
 # The registry client
 
 
-class RegistryError(Exception):
-    """Base of the failures an :class:`MhRegistry` reports; ``str()`` names
-    the RPC and the status, never a token."""
-
-
-class NotRegistered(RegistryError):
-    """The GC does not know this MH (``NOT_FOUND``): register again."""
-
-
-class RegistryUnavailable(RegistryError):
-    """The GC could not be reached or refused the call for another reason;
-    ``code`` is the gRPC status name or ``TRANSPORT`` / ``DEADLINE_EXCEEDED``."""
-
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class MhRegistry(Protocol):
     """Trio-flavoured MH → GC operations. Each raises :class:`NotRegistered`
-    or :class:`RegistryUnavailable` on failure, nothing else for GC trouble."""
+    or :class:`GcUnavailable` on failure, nothing else for GC trouble."""
 
     async def register(
         self, request: pb.RegisterMHRequest, token: Secret
@@ -348,42 +331,20 @@ class MhRegistry(Protocol):
     ) -> pb.MHLoadReportResponse: ...
 
 
-def _translate(rpc: str, exc: BaseException) -> RegistryError | None:
-    """The one exception map: the :class:`RegistryError` for a library
-    exception, ``None`` when ``exc`` is not GC trouble (cancellation, bugs)."""
-    if isinstance(exc, GRPCError):
-        detail = f"{rpc}: {exc.status.name}"
-        if exc.message:
-            detail += f" ({exc.message[:_MAX_DETAIL]})"
-        if exc.status is Status.NOT_FOUND:
-            return NotRegistered(detail)
-        return RegistryUnavailable(detail, code=exc.status.name)
-    if isinstance(exc, TimeoutError):
-        return RegistryUnavailable(f"{rpc}: deadline exceeded", code="DEADLINE_EXCEEDED")
-    if isinstance(exc, StreamTerminatedError | ProtocolError):
-        return RegistryUnavailable(f"{rpc}: {type(exc).__name__}", code="TRANSPORT")
-    if isinstance(exc, OSError):
-        reason = exc.strerror or type(exc).__name__
-        return RegistryUnavailable(f"{rpc}: connection failed ({reason})", code="TRANSPORT")
-    return None
-
-
 class GrpcMhRegistry:
-    """:class:`MhRegistry` over one grpclib channel (made by
+    """:class:`MhRegistry` over one :class:`GcChannel` (made by
     :func:`open_mh_registry`), shared by every MH of the process: the GC sees
     one HTTP/2 connection, the way one host's MHs would share a proxy."""
 
     def __init__(
         self,
-        channel: Channel,
+        channel: GcChannel,
         *,
-        connect_timeout: float = CONNECT_TIMEOUT_S,
         register_timeout: float = REGISTER_TIMEOUT_S,
         report_timeout: float = REPORT_TIMEOUT_S,
     ) -> None:
         self._channel = channel
-        self._stub = internal_grpc.MediaHandlerRegistryServiceStub(channel)
-        self._connect_timeout = connect_timeout
+        self._stub = internal_grpc.MediaHandlerRegistryServiceStub(channel.channel)
         self._register_timeout = register_timeout
         self._report_timeout = report_timeout
 
@@ -391,69 +352,24 @@ class GrpcMhRegistry:
         return f"GrpcMhRegistry({self._channel!r})"
 
     async def register(self, request: pb.RegisterMHRequest, token: Secret) -> pb.RegisterMHResponse:
-        return await self._call(
-            "RegisterMH", self._stub.RegisterMH, request, self._register_timeout, token
+        return await self._channel.call(
+            "RegisterMH",
+            self._stub.RegisterMH,
+            request,
+            deadline_s=self._register_timeout,
+            token=token,
         )
 
     async def report(
         self, request: pb.MHLoadReportRequest, token: Secret
     ) -> pb.MHLoadReportResponse:
-        return await self._call(
-            "SendLoadReport", self._stub.SendLoadReport, request, self._report_timeout, token
+        return await self._channel.call(
+            "SendLoadReport",
+            self._stub.SendLoadReport,
+            request,
+            deadline_s=self._report_timeout,
+            token=token,
         )
-
-    async def _call(
-        self,
-        rpc: str,
-        method: UnaryUnaryMethod[Req, Resp],
-        request: Req,
-        deadline_s: float,
-        token: Secret,
-    ) -> Resp:
-        """Trio-flavoured: one RPC, one seam crossing."""
-        metadata = {"authorization": f"Bearer {token.reveal()}"}
-        return await run_aio(self._call_aio, rpc, method, request, deadline_s, metadata)
-
-    async def _call_aio(
-        self,
-        rpc: str,
-        method: UnaryUnaryMethod[Req, Resp],
-        request: Req,
-        deadline_s: float,
-        metadata: dict[str, str],
-    ) -> Resp:
-        """Asyncio-flavoured: connect (bounded: grpclib has no connect
-        timeout of its own), then the RPC with what is left of its deadline."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            await asyncio.wait_for(
-                self._channel.__connect__(), timeout=min(self._connect_timeout, deadline_s)
-            )
-            remaining = deadline_s - (loop.time() - started)
-            if remaining <= 0:
-                raise TimeoutError
-            return await method(request, timeout=remaining, metadata=metadata)
-        except Exception as exc:
-            translated = _translate(rpc, exc)
-            if translated is None:
-                raise
-            raise translated from None
-
-
-def gc_host_port(url: str) -> tuple[str, int, bool]:
-    """``http(s)://host[:port]`` → host, port, TLS; :class:`ValueError` otherwise."""
-    parts = urlsplit(url.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("the GC URL has a malformed port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("the GC URL must be http://host:port or https://host:port")
-    if parts.path.strip("/") or parts.query or parts.fragment:
-        raise ValueError("the GC URL takes no path, query or fragment")
-    tls = parts.scheme == "https"
-    return parts.hostname, port or (443 if tls else 80), tls
 
 
 @asynccontextmanager
@@ -462,21 +378,8 @@ async def open_mh_registry(url: str) -> AsyncIterator[GrpcMhRegistry]:
     inside :func:`darktower.shared.seam.asyncio_loop`. It connects lazily (on
     the first RPC, and again after a lost connection), so opening never fails
     because the GC is down."""
-    host, port, tls = gc_host_port(url)
-
-    async def create() -> Channel:
-        return Channel(host, port, ssl=True if tls else None)
-
-    channel = await run_aio(create)
-    try:
+    async with open_gc_channel(url, connect_timeout=CONNECT_TIMEOUT_S) as channel:
         yield GrpcMhRegistry(channel)
-    finally:
-
-        async def close() -> None:
-            channel.close()
-
-        with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
-            await run_aio(close)
 
 
 # --------------------------------------------------------------------------
@@ -571,7 +474,7 @@ class SimulatedMh:
         token = self._tokens(self.spec.handler_id)
         with trio.move_on_after(deadline_s + _CALL_SLACK_S):
             return await call(request, token)
-        raise RegistryUnavailable(f"{rpc}: no answer in time", code="DEADLINE_EXCEEDED")
+        raise GcUnavailable(f"{rpc}: no answer in time", code="DEADLINE_EXCEEDED")
 
     async def _register(self) -> None:
         """Register, retrying with backoff until the GC accepts."""
@@ -582,7 +485,7 @@ class SimulatedMh:
                 response = await self._bounded(
                     "RegisterMH", REGISTER_TIMEOUT_S, self._registry.register, request
                 )
-            except RegistryError as exc:
+            except GcError as exc:
                 error = str(exc)
             else:
                 if response.accepted:
@@ -627,7 +530,7 @@ class SimulatedMh:
                 self._not_found += 1
                 log.warning("mh_not_registered", handler_id=self.spec.handler_id, error=str(exc))
                 return
-            except RegistryError as exc:
+            except GcError as exc:
                 self._report_failures += 1
                 delay = min(self._backoff.delay(failures, self._rng), self._interval)
                 failures += 1

@@ -31,11 +31,11 @@ from darktower.cli.__main__ import main as dt_main
 from darktower.cli.mh_sim import (
     DEFAULT_REPORT_INTERVAL_S,
     REPORT_TIMEOUT_S,
+    GcUnavailable,
     LoadPattern,
     MhFleet,
     MintedTokens,
     NotRegistered,
-    RegistryUnavailable,
     fleet_specs,
     load_report,
 )
@@ -81,7 +81,7 @@ class FakeRegistry:
         if self.hang:
             await trio.sleep_forever()
         if self.down:
-            raise RegistryUnavailable(f"{kind}: connection refused", code="TRANSPORT")
+            raise GcUnavailable(f"{kind}: connection refused", code="TRANSPORT")
 
     async def register(self, request: pb.RegisterMHRequest, token: Secret) -> pb.RegisterMHResponse:
         await self._arrive("register", request.handler_id, token, request)
