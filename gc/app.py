@@ -160,6 +160,20 @@ async def run_gc(
             rpc_timeout_s=config.mc_rpc_timeout_s,
             connect_timeout_s=config.mc_connect_timeout_s,
         )
+        mc_checker = HealthChecker(
+            mc_node_store(pool),
+            interval_s=config.health_check_interval_s,
+            stale_after_s=config.stale_after_s,
+            grace_s=config.fast_heartbeat_ms / 1000,
+            on_result=on_sweep,
+        )
+        mh_checker = HealthChecker(
+            mh_node_store(pool),
+            interval_s=config.health_check_interval_s,
+            stale_after_s=config.stale_after_s,
+            grace_s=config.load_report_ms / 1000,
+            on_result=on_sweep,
+        )
         join_service = JoinService(
             pool,
             mc_client,
@@ -168,6 +182,9 @@ async def run_gc(
             stale_after_s=config.stale_after_s,
             # One attempt (connect + call) and a margin; renewed per attempt.
             lease_ttl_s=config.mc_connect_timeout_s + config.mc_rpc_timeout_s + 5,
+            # After an outage of the database (or of this GC), MCs nobody
+            # could hear are not judged gone before the MC checker would.
+            staleness=mc_checker.liveness_threshold_s,
         )
 
         async def join(code: str, org_id: uuid.UUID | None, /) -> JoinResult:
@@ -215,22 +232,7 @@ async def run_gc(
             inactive_after_s=config.inactive_after_s,
             stale_after_s=config.stale_after_s,
         )
-        checkers = [
-            HealthChecker(
-                mc_node_store(pool),
-                interval_s=config.health_check_interval_s,
-                stale_after_s=config.stale_after_s,
-                grace_s=config.fast_heartbeat_ms / 1000,
-                on_result=on_sweep,
-            ),
-            HealthChecker(
-                mh_node_store(pool),
-                interval_s=config.health_check_interval_s,
-                stale_after_s=config.stale_after_s,
-                grace_s=config.load_report_ms / 1000,
-                on_result=on_sweep,
-            ),
-        ]
+        checkers = [mc_checker, mh_checker]
         try:
             async with trio.open_nursery() as nursery:
                 grpc_port = await nursery.start(grpc.run, config.grpc_addr)

@@ -14,6 +14,14 @@ including at start, when it cannot know how long it was away - it first
 grants ``grace``, in which every live node heartbeats at least once, and only
 pings the database meanwhile.
 
+The join path has the same blindness: a meeting whose MC looks stale only
+because nobody could hear it would be moved to whichever MC happened to
+heartbeat first after the outage (and its MC fenced out of it). So the
+checker also answers :meth:`HealthChecker.liveness_threshold_s` for anyone
+judging liveness meanwhile: from the moment a blind gap of ``g`` is seen
+until the grace that follows it is over, a node counts as live up to
+``stale_after + g`` old.
+
 The checker's own gap is measured on trio's clock (it is about this process,
 and MockClock drives it in tests); node staleness stays on the database clock.
 """
@@ -76,6 +84,9 @@ class HealthChecker:
         self._on_result = on_result
         self._last_contact = -math.inf
         self._grace_until = -math.inf
+        #: The blind gap the current (or last) grace was granted for; 0 at
+        #: start, where the gap is unknown.
+        self._grace_gap_s = 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Tick until cancelled. Missed ticks are not replayed: after a pause
@@ -99,6 +110,8 @@ class HealthChecker:
                 await self._store.ping()
                 if blind:
                     self._grace_until = now + self._grace_s
+                    gap = now - self._last_contact
+                    self._grace_gap_s = gap if math.isfinite(gap) else 0.0
                     log.info("health_check_grace", kind=self._store.kind, grace_s=self._grace_s)
                 result = SweepResult(now, "grace")
             else:
@@ -121,6 +134,22 @@ class HealthChecker:
         if result.outcome == "swept":
             await self._publish_counts()
         return result
+
+    def liveness_threshold_s(self) -> float:
+        """The heartbeat age past which a node of this kind may be judged
+        gone right now, by the join path as by the sweep (see the module
+        docstring): ``stale_after`` plus the blind gap this GC is recovering
+        from - one still open (the database unreachable, or back but not yet
+        ticked), or the one its current grace was granted for. At start the
+        gap is unknown and the threshold is ``stale_after``: a node of a
+        fleet that nobody heard for long is not presumed alive."""
+        now = trio.current_time()
+        gap = now - self._last_contact
+        if math.isfinite(gap) and gap >= self._blind_after_s:
+            return self._stale_after_s + gap
+        if now < self._grace_until:
+            return self._stale_after_s + self._grace_gap_s
+        return self._stale_after_s
 
     async def _publish_counts(self) -> None:
         """Refresh the nodes-by-health gauge; a failure here only leaves the

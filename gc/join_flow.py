@@ -26,7 +26,7 @@ import asyncio
 import random
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -82,12 +82,19 @@ class JoinService:
         lease_ttl_s: float,
         rng: random.Random | None = None,
         poll_interval_s: float = LEASE_POLL_INTERVAL_S,
+        staleness: Callable[[], float] | None = None,
     ) -> None:
+        """``staleness``, when given, is asked for the heartbeat age past
+        which an MC counts as gone each time one is judged, instead of the
+        fixed ``stale_after_s``: the GC widens it while it recovers from its
+        own blindness (:meth:`~darktower.gc.health_checker.HealthChecker.liveness_threshold_s`),
+        so that a database outage does not move meetings off MCs that were
+        merely unheard."""
         self._pool = pool
         self._mc_client = mc_client
         self._gc_id = gc_id
         self._region = region
-        self._stale_after_s = stale_after_s
+        self._staleness = staleness if staleness is not None else lambda: stale_after_s
         self._lease_ttl_s = lease_ttl_s
         self._rng = rng if rng is not None else secrets.SystemRandom()
         self._poll_interval_s = poll_interval_s
@@ -101,7 +108,7 @@ class JoinService:
             code=code,
             org_id=org_id,
             region=self._region,
-            stale_after_s=self._stale_after_s,
+            stale_after_s=self._staleness(),
         )
         if lookup is None:
             raise MeetingNotFound("meeting not found")
@@ -178,7 +185,7 @@ class JoinService:
             holder=holder,
             gc_id=self._gc_id,
             ttl_s=self._lease_ttl_s,
-            stale_after_s=self._stale_after_s,
+            stale_after_s=self._staleness(),
             exclude=excluded,
         )
 
@@ -187,7 +194,7 @@ class JoinService:
             self._pool,
             meeting_id=meeting.meeting_id,
             region=self._region,
-            stale_after_s=self._stale_after_s,
+            stale_after_s=self._staleness(),
         )
         return existing if existing is not None and existing.mc_live else None
 
@@ -275,7 +282,7 @@ class JoinService:
                 primary_mh_id=primary.handler_id,
                 backup_mh_id=backup.handler_id if backup is not None else None,
                 holder=holder,
-                stale_after_s=self._stale_after_s,
+                stale_after_s=self._staleness(),
             )
             if recorded.won and recorded.assignment is not None:
                 log.info(

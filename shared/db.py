@@ -17,6 +17,8 @@ from typing import ParamSpec, TypeVar
 
 import asyncpg
 import trio
+from asyncpg import Record
+from asyncpg.pool import PoolAcquireContext
 
 from darktower.shared.logging import get_logger
 from darktower.shared.seam import run_aio
@@ -29,8 +31,15 @@ T = TypeVar("T")
 #: Every statement is bounded: asyncpg terminates a connection whose query is
 #: cancelled, so an unbounded query is a stuck request *and* a lost connection.
 DEFAULT_COMMAND_TIMEOUT_S = 5.0
-#: Bounded connect so that a database outage turns into a fast UNAVAILABLE.
-DEFAULT_CONNECT_TIMEOUT_S = 2.0
+#: Bounded connect so that a database outage turns into a fast UNAVAILABLE
+#: (a connection to a reachable server takes milliseconds, TLS included).
+DEFAULT_CONNECT_TIMEOUT_S = 1.0
+#: Bound on taking a connection from a pool: the wait for a free one plus,
+#: when it has none, connecting it. A request must learn "unavailable" within
+#: this however many requests queue for the pool: unbounded, a request behind
+#: the others waits one connect timeout per turn while they all fail against
+#: an unreachable server. The GC answers a join 503 within 2 s of an outage.
+DEFAULT_ACQUIRE_TIMEOUT_S = 1.5
 
 
 class DatabaseUnavailable(Exception):
@@ -65,6 +74,12 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # The server's goodbye racing a query: at a shutdown PostgreSQL sends
+    # each idle connection a FATAL error, then closes it. Until asyncpg has
+    # seen the close, the unexpected message leaves the connection's
+    # protocol refusing every new statement with this (not a connection
+    # error); once it has, the pool connects the slot afresh.
+    asyncpg.exceptions.InternalClientError,
     # Contention that outlasted its retry: transient, so "try again".
     asyncpg.exceptions.DeadlockDetectedError,
     # At run time (a reconnect after the database was dropped or the role
@@ -116,6 +131,50 @@ async def keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
+class BoundedPool(asyncpg.Pool):
+    """Our asyncpg pool: every acquisition and every statement time-bounded.
+
+    asyncpg bounds an acquisition only when the caller passes ``timeout``,
+    and its own shortcuts (``pool.fetch``, ``pool.execute`` ...) never do.
+    Here an acquisition without one gets ``acquire_timeout_s``, so a
+    repository call is bounded in all three places it can wait: for a
+    connection, for connecting it (``connect_timeout_s``, inside the
+    acquisition), for the statement (``command_timeout_s``).
+    """
+
+    __slots__ = ("_acquire_timeout_s",)
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        command_timeout_s: float,
+        connect_timeout_s: float,
+        acquire_timeout_s: float,
+    ) -> None:
+        super().__init__(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            max_queries=50_000,  # asyncpg's default
+            command_timeout=command_timeout_s,
+            timeout=connect_timeout_s,
+            # The pool outlives database restarts: stale connections are
+            # replaced on their next use.
+            max_inactive_connection_lifetime=60.0,
+            reset=keep_session,
+            loop=None,
+            connection_class=asyncpg.Connection,
+            record_class=Record,
+        )
+        self._acquire_timeout_s = acquire_timeout_s
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext[Record]:
+        return super().acquire(timeout=self._acquire_timeout_s if timeout is None else timeout)
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -123,19 +182,17 @@ async def create_pool(
     max_size: int = 10,
     command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    acquire_timeout_s: float = DEFAULT_ACQUIRE_TIMEOUT_S,
 ) -> asyncpg.Pool:
-    """Asyncio-flavoured: open a pool whose every statement is time-bounded."""
+    """Asyncio-flavoured: open a :class:`BoundedPool`."""
     try:
-        pool = await asyncpg.create_pool(
+        pool = await BoundedPool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            command_timeout=command_timeout_s,
-            timeout=connect_timeout_s,
-            # The pool outlives database restarts: stale connections are
-            # replaced on their next use.
-            max_inactive_connection_lifetime=60.0,
-            reset=keep_session,
+            command_timeout_s=command_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            acquire_timeout_s=acquire_timeout_s,
         )
     except _REFUSED_AT_START as exc:
         raise DatabaseRefused(type(exc).__name__) from None
@@ -199,6 +256,6 @@ async def database_now(pool: asyncpg.Pool) -> datetime:
 @translate_errors
 async def ping(pool: asyncpg.Pool) -> None:
     """Asyncio-flavoured: a round trip to PostgreSQL (readiness, grace ticks)."""
-    # Bounded twice: waiting for a free connection, then the query itself.
-    async with pool.acquire(timeout=DEFAULT_CONNECT_TIMEOUT_S) as con:
+    # Bounded twice: waiting for a (connected) connection, then the query itself.
+    async with pool.acquire(timeout=DEFAULT_ACQUIRE_TIMEOUT_S) as con:
         await con.fetchval("SELECT 1", timeout=DEFAULT_CONNECT_TIMEOUT_S)

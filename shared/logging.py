@@ -25,7 +25,7 @@ def _is_secret(name: str) -> bool:
     return any(marker in lowered for marker in _SECRET_MARKERS)
 
 
-_PROTOCOL_LIBRARIES = ("grpclib", "h2", "hpack", "hypercorn")
+_PROTOCOL_LIBRARIES = ("asyncpg", "grpclib", "h2", "hpack", "hypercorn")
 
 
 def _is_protocol_library(logger_name: str) -> bool:
@@ -61,7 +61,8 @@ class KeyValueFormatter(logging.Formatter):
             # grpclib logs a full traceback for malformed requests it rejects
             # before our code runs (e.g. bad ``-bin`` metadata): anyone who
             # can open a connection could flood the log with stack traces.
-            # Our own code's tracebacks (bugs) stay.
+            # asyncpg's pool logs one for every failed reconnect while
+            # PostgreSQL is down. Our own code's tracebacks (bugs) stay.
             parts.append(f"error={type(record.exc_info[1]).__name__}")
             return " ".join(parts)
         line = " ".join(parts)

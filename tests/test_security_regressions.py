@@ -683,7 +683,15 @@ def product_logging() -> Iterator[None]:
 
 
 @pytest.mark.parametrize(
-    "name", ["grpclib", "grpclib.server", "h2.connection", "hpack.hpack", "hypercorn.error"]
+    "name",
+    [
+        "asyncpg.pool",
+        "grpclib",
+        "grpclib.server",
+        "h2.connection",
+        "hpack.hpack",
+        "hypercorn.error",
+    ],
 )
 def test_a_protocol_library_logs_an_exception_as_one_line(
     name: str, capsys: pytest.CaptureFixture[str]
