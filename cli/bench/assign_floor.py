@@ -12,8 +12,8 @@ The script bytes, its SHA-1 and the key layout come from
 (for the MC's batching task: imported here, never run, and it changes nothing
 in asyncio) and two small :mod:`darktower.shared` modules - no
 ``trio_asyncio``, which would patch asyncio process-wide; the
-payload is encoded as the MC's :meth:`Assignment.mh_payload` +
-:meth:`MeetingStateStore.claim` encode it (so Redis stores the same bytes).
+payload is encoded by the MC's own encoder (:func:`encode_mh_assignments`,
+so Redis stores the same bytes).
 coredis is anyio-based and runs here on anyio's asyncio backend. The server
 reports ``{"port": N, "trio_asyncio_loaded": false}`` on stdout once it
 listens, so the parent can refuse a "plain asyncio" floor that is not;
@@ -41,6 +41,7 @@ from darktower.mc.repositories.meeting_state import (
     FENCING_SCRIPT,
     FENCING_SHA,
     MeetingStateStore,
+    encode_mh_assignments,
 )
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
@@ -52,14 +53,12 @@ _CLAIMED = frozenset({b"CLAIMED", b"TOOK_OVER", b"ALREADY_OWNED"})
 def claim_payload(request: pb.AssignMeetingWithMhRequest) -> bytes:
     """What the MC stores for the request's media handlers (compact JSON,
     sorted keys), without the MC's validation."""
-    return json.dumps(
+    return encode_mh_assignments(
         [
             {"mh_id": mh.mh_id, "role": mh.role, "webtransport_endpoint": mh.webtransport_endpoint}
             for mh in request.mh_assignments
-        ],
-        separators=(",", ":"),
-        sort_keys=True,
-    ).encode()
+        ]
+    )
 
 
 class FloorService(internal_grpc.MeetingControllerServiceBase):

@@ -28,15 +28,16 @@ its own reply or error, and sends what queued up meanwhile as the next
 pipeline - the way a database group-commits its log. Nothing waits to fill a
 batch: an operation arriving while the pipe is idle goes out at once, alone;
 under load the batches grow by themselves (bounded by ``max_batch``). How much
-they grow depends on how the callers arrive: the fencing watch hands over a
-hundred writes at once (``write_many``), while in the MC assignments reach the
-store about one at a time (each crosses from the gRPC handler's asyncio side
-on its own, and the pipe is back to idle before the next one arrives), so
-under the assignment bench a claim batch averages about 1.25 claims. Every
-batch is bounded in time (``batch_timeout_s``, the ``NOSCRIPT`` reload and
-retry included); when it runs out, every operation of the batch fails with
-:class:`RedisUnavailable` (coredis drops the connection the batch was waiting
-on) and the next batch goes out as usual.
+depends on how the callers arrive: the fencing watch hands over a hundred
+writes at once (``write_many``); assignments arrive in bunches because the
+seam's asyncio loop runs every ready gRPC callback in one trio round
+(:mod:`darktower.shared.seam`), so under ``dt bench assign`` (64 concurrent
+calls) a claim batch carries about 25 claims - with trio-asyncio's stock
+loop, one callback per round, they trickled in one by one and a batch
+averaged about 1.2. Every batch is bounded in time (``batch_timeout_s``, the
+``NOSCRIPT`` reload and retry included); when it runs out, every operation of
+the batch fails with :class:`RedisUnavailable` (coredis drops the connection
+the batch was waiting on) and the next batch goes out as usual.
 
 The batcher must be running for fenced operations (start it with
 ``nursery.start(store.run)`` in the nursery that owns the store's users, or
@@ -92,6 +93,11 @@ FENCING_SCRIPT: bytes = (
     importlib.resources.files("darktower.mc").joinpath("fencing.lua").read_bytes()
 )
 FENCING_SHA: str = hashlib.sha1(FENCING_SCRIPT, usedforsecurity=False).hexdigest()
+
+#: MH assignments as stored: compact JSON with sorted keys, so an idempotent
+#: repeat stores identical bytes. Built once (``json.dumps`` with options
+#: builds an encoder per call).
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 #: Generations are the wire's ``uint64``.
 GENERATION_MAX = 2**64 - 1
@@ -232,6 +238,12 @@ class MeetingStateStoreStatistics:
     operations: int = 0
     #: The most operations one pipeline carried.
     largest_batch: int = 0
+
+
+def encode_mh_assignments(mh_assignments: Sequence[Mapping[str, Any]]) -> bytes:
+    """The bytes :meth:`MeetingStateStore.claim` stores for a list of MH
+    assignments (compact JSON, sorted keys)."""
+    return _PAYLOAD_ENCODER.encode([dict(a) for a in mh_assignments]).encode()
 
 
 def _validate_common(meeting_id: str, generation: int, mc_id: str) -> None:
@@ -527,9 +539,7 @@ class MeetingStateStore:
         if isinstance(mh_assignments, bytes):
             payload = mh_assignments
         else:
-            payload = json.dumps(
-                [dict(a) for a in mh_assignments], separators=(",", ":"), sort_keys=True
-            ).encode()
+            payload = encode_mh_assignments(mh_assignments)
         return _Op(self.keys(meeting_id), ["claim", str(generation), mc_id, payload], waiter)
 
     def _write_op(
