@@ -97,8 +97,11 @@ class _BatchingTrioEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
     read timeout), each holding its task and frames for seconds.
     """
 
-    #: Timer handles cancelled since the heap was last pruned (a class
-    #: default, so that a stock loop turned into this class needs no set-up).
+    #: Timer handles cancelled since the heap was last pruned - an upper
+    #: bound: Python calls the hook for every cancel, also of timers still
+    #: queued or already fired, so pruning is at worst early, never late (a
+    #: class default, so that a stock loop turned into this class needs no
+    #: set-up).
     _cancelled_timers = 0
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
@@ -120,6 +123,14 @@ class _BatchingTrioEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
             timeout = timers[0].when() - self.time()
             if timeout <= 0:
                 handle = heapq.heappop(timers)
+        if handle is not None and not no_wait:
+            # A round that starts from a due timer does not wait on the queue,
+            # so it would not yield to trio at all: yield first, or due timers
+            # would chain rounds onto the previous one (and the bound per
+            # round would not hold) without trio ever polling for I/O.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._run_round(handle, queued=False)
+            return
         if handle is None:
             queued = True
             if no_wait:
@@ -129,10 +140,20 @@ class _BatchingTrioEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
                     handle = await receive.receive()
                 if handle is None:
                     return  # a timer is due: the next round runs it
+        await self._run_round(handle, queued=queued)
+
+    async def _run_round(self, handle: asyncio.Handle, *, queued: bool) -> None:
+        """Run ``handle`` and then the callbacks queued when it began (at
+        most :data:`MAX_CALLBACKS_PER_ROUND` of them), each received only
+        after the previous one has run, so a stop or an exception leaves the
+        rest in the queue."""
+        timers: list[asyncio.TimerHandle] = self._timers
+        receive: trio.MemoryReceiveChannel[asyncio.Handle] = self._q_recv
         ready = min(receive.statistics().current_buffer_used, MAX_CALLBACKS_PER_ROUND)
         while True:
             if queued and isinstance(handle, asyncio.TimerHandle):
-                heapq.heappush(timers, handle)
+                if not handle.cancelled():
+                    heapq.heappush(timers, handle)
             elif isinstance(handle, AsyncHandle):
                 handle._context.run(self._nursery.start_soon, handle._run, name=handle._callback)
                 await handle._started.wait()

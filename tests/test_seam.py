@@ -100,6 +100,64 @@ async def test_a_callback_scheduled_by_a_callback_runs_after_those_queued_before
     assert ran == ["first", "second", "scheduled by first"]
 
 
+async def test_due_timers_do_not_lift_the_bound_per_round(
+    aio_loop: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A round that starts from a due timer must still end by yielding to
+    trio: otherwise every due timer chains another round in the same trio
+    step, and a backlog runs without trio ever polling for I/O."""
+    loop = await run_aio(_running_loop)
+    due_at = loop.time() + 5
+    for _ in range(20):
+        loop.call_at(due_at, lambda: None)
+    await run_aio(asyncio.sleep, 0)  # queued behind them: they are on the heap now
+    autojump_clock.jump(10)
+    count = 3 * MAX_CALLBACKS_PER_ROUND
+    per_turn = await _callbacks_per_turn(loop, count)
+    assert max(per_turn) <= MAX_CALLBACKS_PER_ROUND + 1
+    assert sum(per_turn) == count
+
+
+async def test_a_callback_scheduled_by_a_callback_waits_for_trio(aio_loop: None) -> None:
+    """Not only after those queued before it: in a later trio step, after
+    trio has had its turn."""
+    loop = await run_aio(_running_loop)
+    steps = _StepCounter()
+    ran: dict[str, int] = {}
+
+    def first() -> None:
+        ran["first"] = steps.step
+        loop.call_soon(lambda: ran.setdefault("scheduled by first", steps.step))
+
+    trio.lowlevel.add_instrument(steps)
+    try:
+        loop.call_soon(first)
+        loop.call_soon(lambda: ran.setdefault("second", steps.step))
+        with trio.fail_after(5):
+            while len(ran) < 3:
+                await trio.lowlevel.checkpoint()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert ran["first"] == ran["second"] < ran["scheduled by first"]
+
+
+async def test_a_stop_mid_round_loses_no_callback() -> None:
+    """Callbacks queued behind a stop stay queued and run in the drain, in
+    order: a round receives each only after the previous one ran."""
+    ran: list[int] = []
+    async with asyncio_loop():
+        loop = await run_aio(_running_loop)
+        for i in range(3):
+            loop.call_soon(ran.append, i)
+        loop.stop()
+        for i in range(3, 6):
+            loop.call_soon(ran.append, i)
+        with trio.fail_after(5):
+            await loop.wait_stopped()
+        assert ran == [0, 1, 2]
+    assert ran == [0, 1, 2, 3, 4, 5]
+
+
 async def test_timers_fire_on_trio_clock(
     aio_loop: None, autojump_clock: trio.testing.MockClock
 ) -> None:
