@@ -4,9 +4,12 @@ Each benchmark is one subcommand registered by a small function here; the
 work itself lives in :mod:`darktower.cli.bench`. ``all`` runs every one of
 them with the same options their own commands take (``--join-*``,
 ``--mixed-*``, ... where a name would clash) and writes ``BENCHMARKS.md``.
-Options shared by every benchmark (duration, JSON output) are declared once
-in :func:`_common_options`, the load shape (workers, connections) in
-:func:`_load_options`.
+Every option group is declared once, by one helper: the timing
+(:func:`_timing_options`), JSON output, the stores, the load shape
+(:func:`_load_options`) and each benchmark's own shape
+(:func:`_heartbeat_shape`, :func:`_join_shape`, :func:`_mixed_shape`). The
+helpers take a ``prefix`` (``join_``) so that ``all`` declares the same
+options under its own names, and :func:`_given` reads them back.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from darktower.cli.args import positive_int
 from darktower.cli.bench.all import BENCHES, DEFAULT_OUTPUT, AllOptions, redact_argv, run_all
@@ -29,11 +33,15 @@ if TYPE_CHECKING:  # subscriptable for type checkers only
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _seconds(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
     if not 0 <= value <= 3600:
         raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
     return value
@@ -71,20 +79,14 @@ def _rates(text: str) -> tuple[int, ...]:
 
 
 def _step(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not 1 < value <= 10:
         raise argparse.ArgumentTypeError("must be above 1 and at most 10")
     return value
 
 
 def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
     return value
@@ -100,6 +102,54 @@ def _bench_names(text: str) -> frozenset[str]:
     return names
 
 
+# --------------------------------------------------------------------------
+# Option groups: each declared once, for a benchmark's own command and (with
+# a prefix and a label) for ``dt bench all``.
+
+
+def _flag(prefix: str, name: str) -> str:
+    """``--<prefix><name>`` with ``prefix`` given as a dest (``join_``)."""
+    return "--" + (prefix + name).replace("_", "-")
+
+
+def _label(prefix: str) -> str:
+    """The help text's prefix under ``dt bench all``: ``join: ``."""
+    return prefix.removesuffix("_").replace("_", " ") + ": " if prefix else ""
+
+
+def _value(
+    parser: argparse.ArgumentParser,
+    prefix: str,
+    name: str,
+    parse: Callable[[str], Any],
+    default: object,
+    metavar: str,
+    help: str,
+    *,
+    shown: str | None = None,
+) -> None:
+    """Option ``--<prefix><name>`` taking one value; its help is ``help``
+    under the group's label, with the default (or ``shown``) after it."""
+    if shown is None:
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+    parser.add_argument(
+        _flag(prefix, name),
+        type=parse,
+        default=default,
+        metavar=metavar,
+        help=f"{_label(prefix)}{help} ({shown})",
+    )
+
+
+def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """``args`` with ``prefix`` taken off its names (``join_rates`` → ``rates``)."""
+    return {
+        name.removeprefix(prefix): value
+        for name, value in vars(args).items()
+        if name.startswith(prefix)
+    }
+
+
 def _database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database-url",
@@ -110,25 +160,70 @@ def _database_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _common_options(parser: argparse.ArgumentParser) -> None:
+def _redis_option(parser: argparse.ArgumentParser, what: str = "") -> None:
     parser.add_argument(
-        "--duration",
-        type=_positive_seconds,
-        default=10.0,
-        metavar="S",
-        help="measured seconds (10)",
-    )
-    parser.add_argument(
-        "--warmup", type=_seconds, default=2.0, metavar="S", help="discarded seconds first (2)"
-    )
-    parser.add_argument(
-        "--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON"
+        "--redis-url",
+        type=_redis_url,
+        default=None,
+        help=f"Redis server{what} (default: $REDIS_URL, else an embedded server)",
     )
 
 
 def _database_from(args: argparse.Namespace) -> str | None:
     url: str | None = args.database_url or os.environ.get("DATABASE_URL") or None
     return url
+
+
+def _redis_from(args: argparse.Namespace) -> str | None:
+    url: str | None = args.redis_url or os.environ.get("REDIS_URL") or None
+    return url
+
+
+def _timing_options(
+    parser: argparse.ArgumentParser,
+    *,
+    duration: float = 10.0,
+    warmup: float = 2.0,
+    prefix: str = "",
+    phases: str = "",
+) -> None:
+    """``--duration`` and ``--warmup``; ``phases`` names what they apply
+    to, each, when that is several benchmarks."""
+    measured = f"measured seconds{f' of each phase of {phases}' if phases else ''}"
+    discarded = f"discarded seconds {'before each phase' if phases else 'first'}"
+    _value(parser, prefix, "duration", _positive_seconds, duration, "S", measured)
+    _value(parser, prefix, "warmup", _seconds, warmup, "S", discarded)
+
+
+def _json_option(parser: argparse.ArgumentParser, what: str = "the figures") -> None:
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help=f"also write {what} as JSON"
+    )
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    """What every single benchmark takes: its timing and JSON output."""
+    _timing_options(parser)
+    _json_option(parser)
+
+
+def _load_options(parser: argparse.ArgumentParser) -> None:
+    _value(parser, "", "concurrency", positive_int, 64, "C", "workers")
+    _value(parser, "", "channels", positive_int, 4, "K", "HTTP/2 connections")
+
+
+# -- heartbeats ---------------------------------------------------------------
+
+
+def _heartbeat_shape(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The fleets of ``dt bench heartbeats`` (``prefix`` ``heartbeat_`` for
+    ``dt bench all``; only ``--mcs`` takes it, the ``--health-*`` names are
+    already the bench's own)."""
+    _value(parser, prefix, "mcs", positive_int, 1000, "N", "registered MCs")
+    label = _label(prefix)
+    fleet, runs = "fleet size for the health-check statement", "timed runs of that statement"
+    _value(parser, "", "health_mcs", positive_int, 10_000, "N", label + fleet)
+    _value(parser, "", "health_runs", positive_int, 20, "N", label + runs)
 
 
 def _run_heartbeats(args: argparse.Namespace) -> int:
@@ -149,15 +244,6 @@ def _run_heartbeats(args: argparse.Namespace) -> int:
     )
 
 
-def _load_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--concurrency", type=positive_int, default=64, metavar="C", help="workers (64)"
-    )
-    parser.add_argument(
-        "--channels", type=positive_int, default=4, metavar="K", help="HTTP/2 connections (4)"
-    )
-
-
 def _add_heartbeats(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "heartbeats",
@@ -174,36 +260,18 @@ def _add_heartbeats(sub: SubParsers) -> None:
     _database_option(parser)
     _common_options(parser)
     _load_options(parser)
-    parser.add_argument(
-        "--mcs", type=positive_int, default=1000, metavar="N", help="registered MCs (1000)"
-    )
-    parser.add_argument(
-        "--pool-size",
-        type=positive_int,
-        default=10,
-        metavar="N",
-        help="PostgreSQL pool of the GC and the floor (10, the GC's default)",
-    )
-    parser.add_argument(
-        "--health-mcs",
-        type=positive_int,
-        default=10_000,
-        metavar="N",
-        help="fleet size for the health-check statement (10000)",
-    )
-    parser.add_argument(
-        "--health-runs",
-        type=positive_int,
-        default=20,
-        metavar="N",
-        help="timed runs of the health-check statement (20)",
-    )
+    _heartbeat_shape(parser)
+    pool = "PostgreSQL pool of the GC and the floor"
+    _value(parser, "", "pool_size", positive_int, 10, "N", pool, shown="10, the GC's default")
     parser.add_argument(
         "--no-trio-floor",
         action="store_true",
         help="skip the second floor (the bare server under trio-asyncio)",
     )
     parser.set_defaults(func=_run_heartbeats)
+
+
+# -- assign -------------------------------------------------------------------
 
 
 def _run_assign(args: argparse.Namespace) -> int:
@@ -213,7 +281,7 @@ def _run_assign(args: argparse.Namespace) -> int:
             warmup_s=args.warmup,
             concurrency=args.concurrency,
             channels=args.channels,
-            redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+            redis_url=_redis_from(args),
             json_path=args.json,
         )
     )
@@ -235,32 +303,57 @@ def _add_assign(sub: SubParsers) -> None:
             "end; nothing is flushed."
         ),
     )
-    parser.add_argument(
-        "--redis-url",
-        type=_redis_url,
-        default=None,
-        help="Redis server (default: $REDIS_URL, else an embedded server)",
-    )
+    _redis_option(parser)
     _common_options(parser)
     _load_options(parser)
     parser.set_defaults(func=_run_assign)
 
 
+# -- join ---------------------------------------------------------------------
+
+
+def _join_shape(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The rates and fleet of ``dt bench join`` (``prefix`` ``join_`` for
+    ``dt bench all``; ``--no-search`` keeps its name there)."""
+    label = _label(prefix)
+    rates = "joins/s measured for first joins and re-joins, and for the floor"
+    _value(parser, prefix, "rates", _rates, (50, 100, 200), "R,R,...", rates, shown="50,100,200")
+    parser.add_argument(
+        "--no-search",
+        action="store_true",
+        help=f"{label}do not step the rate up beyond {_flag(prefix, 'rates')} for the highest "
+        "rate with P99 <= 100 ms",
+    )
+    _value(parser, prefix, "max_rate", positive_int, 2000, "R", "highest rate the search tries")
+    pool = "meetings the re-joins cycle over (created and joined once first)"
+    _value(parser, prefix, "meetings", positive_int, 200, "N", pool)
+    _value(parser, prefix, "mcs", positive_int, 2, "N", "MCs")
+
+
+def _join_options(args: argparse.Namespace, prefix: str = "") -> JoinOptions:
+    """What :func:`_join_shape` and the shared options declared (``prefix``
+    ``join_`` from ``dt bench all``)."""
+    given = _given(args, prefix)
+    return JoinOptions(
+        rates=given["rates"],
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        search=not args.no_search,
+        max_rate=given["max_rate"],
+        mcs=given["mcs"],
+        meetings=given["meetings"],
+        database_url=_database_from(args),
+        redis_url=_redis_from(args),
+    )
+
+
 def _run_join(args: argparse.Namespace) -> int:
     return run_join(
-        JoinOptions(
-            rates=args.rates,
-            duration_s=args.duration,
-            warmup_s=args.warmup,
-            search=not args.no_search,
+        replace(
+            _join_options(args),
             step=args.step,
-            max_rate=args.max_rate,
             concurrency=args.concurrency,
-            mcs=args.mcs,
-            meetings=args.meetings,
             max_connections=args.max_connections,
-            database_url=_database_from(args),
-            redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
             json_path=args.json,
         )
     )
@@ -285,82 +378,23 @@ def _add_join(sub: SubParsers) -> None:
         ),
     )
     _database_option(parser)
-    parser.add_argument(
-        "--redis-url",
-        type=_redis_url,
-        default=None,
-        help="Redis server for the MCs (default: $REDIS_URL, else an embedded server)",
-    )
+    _redis_option(parser, " for the MCs")
     _common_options(parser)
-    parser.add_argument(
-        "--rates",
-        type=_rates,
-        default=(50, 100, 200),
-        metavar="R,R,...",
-        help="joins/s measured for first joins and re-joins, and for the floor (50,100,200)",
-    )
-    parser.add_argument(
-        "--no-search",
-        action="store_true",
-        help="do not step the rate up beyond --rates for the highest rate with P99 <= 100 ms",
-    )
-    parser.add_argument(
-        "--step", type=_step, default=1.25, metavar="F", help="search: next rate = rate x F (1.25)"
-    )
-    parser.add_argument(
-        "--max-rate",
-        type=positive_int,
-        default=2000,
-        metavar="R",
-        help="search: highest rate tried (2000)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=positive_int,
-        default=32,
-        metavar="C",
-        help="connections of the saturation runs (32)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=positive_int,
-        default=256,
-        metavar="N",
-        help="open loop: most connections at once; later joins wait (and are charged) (256)",
-    )
-    parser.add_argument(
-        "--meetings",
-        type=positive_int,
-        default=200,
-        metavar="N",
-        help="meetings the re-joins cycle over (created and joined once first) (200)",
-    )
-    parser.add_argument("--mcs", type=positive_int, default=2, metavar="N", help="MCs (2)")
+    _join_shape(parser)
+    _value(parser, "", "step", _step, 1.25, "F", "search: next rate = rate x F")
+    _value(parser, "", "concurrency", positive_int, 32, "C", "connections of the saturation runs")
+    most = "open loop: most connections at once; later joins wait (and are charged)"
+    _value(parser, "", "max_connections", positive_int, 256, "N", most)
     parser.set_defaults(func=_run_join)
 
 
-def _redis_option(parser: argparse.ArgumentParser, what: str = "") -> None:
-    parser.add_argument(
-        "--redis-url",
-        type=_redis_url,
-        default=None,
-        help=f"Redis server{what} (default: $REDIS_URL, else an embedded server)",
-    )
-
-
-def _redis_from(args: argparse.Namespace) -> str | None:
-    url: str | None = args.redis_url or os.environ.get("REDIS_URL") or None
-    return url
+# -- mixed --------------------------------------------------------------------
 
 
 def _mixed_options(args: argparse.Namespace, prefix: str = "") -> MixedOptions:
     """The scenario's options from ``dt bench mixed`` (or, ``prefix``
     ``mixed_``, from ``dt bench all``)."""
-    given = {
-        name.removeprefix(prefix): value
-        for name, value in vars(args).items()
-        if name.startswith(prefix)
-    }
+    given = _given(args, prefix)
     return MixedOptions(
         duration_s=given["duration"],
         warmup_s=given["warmup"],
@@ -380,27 +414,15 @@ def _run_mixed(args: argparse.Namespace) -> int:
 
 
 def _mixed_shape(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """The scenario's options (``prefix`` for ``dt bench all``)."""
-    flag = "--" + prefix.replace("_", "-")
-    parser.add_argument(
-        f"{flag}rate", type=positive_int, default=100, metavar="R", help="joins/s offered (100)"
-    )
-    parser.add_argument(
-        f"{flag}first-share",
-        type=_share,
-        default=0.2,
-        metavar="F",
-        help="share of the joins that are first joins, the rest re-joins (0.2)",
-    )
-    parser.add_argument(f"{flag}gcs", type=positive_int, default=2, metavar="N", help="GCs (2)")
-    parser.add_argument(f"{flag}mcs", type=positive_int, default=3, metavar="N", help="MCs (3)")
-    parser.add_argument(
-        f"{flag}meetings",
-        type=positive_int,
-        default=200,
-        metavar="N",
-        help="meetings the re-joins cycle over (200)",
-    )
+    """The scenario's timing, rate and fleet (``prefix`` ``mixed_`` for
+    ``dt bench all``)."""
+    _timing_options(parser, duration=60.0, warmup=5.0, prefix=prefix)
+    _value(parser, prefix, "rate", positive_int, 100, "R", "joins/s offered")
+    share = "share of the joins that are first joins, the rest re-joins"
+    _value(parser, prefix, "first_share", _share, 0.2, "F", share)
+    _value(parser, prefix, "gcs", positive_int, 2, "N", "GCs")
+    _value(parser, prefix, "mcs", positive_int, 3, "N", "MCs")
+    _value(parser, prefix, "meetings", positive_int, 200, "N", "meetings the re-joins cycle over")
 
 
 def _add_mixed(sub: SubParsers) -> None:
@@ -419,25 +441,16 @@ def _add_mixed(sub: SubParsers) -> None:
     )
     _database_option(parser)
     _redis_option(parser, " for the MCs")
-    parser.add_argument(
-        "--duration",
-        type=_positive_seconds,
-        default=60.0,
-        metavar="S",
-        help="measured seconds (60)",
-    )
-    parser.add_argument(
-        "--warmup", type=_seconds, default=5.0, metavar="S", help="discarded seconds first (5)"
-    )
-    parser.add_argument(
-        "--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON"
-    )
+    _json_option(parser)
     _mixed_shape(parser)
     parser.set_defaults(func=_run_mixed)
 
 
+# -- all ----------------------------------------------------------------------
+
+
 def _run_all(args: argparse.Namespace) -> int:
-    database_url, redis_url = _database_from(args), _redis_from(args)
+    database_url = _database_from(args)
     duration, warmup = args.duration, args.warmup
     concurrency: int | None = args.concurrency
     heartbeats = HeartbeatOptions(
@@ -448,18 +461,8 @@ def _run_all(args: argparse.Namespace) -> int:
         health_runs=args.health_runs,
         database_url=database_url,
     )
-    assign = AssignOptions(duration_s=duration, warmup_s=warmup, redis_url=redis_url)
-    join = JoinOptions(
-        rates=args.join_rates,
-        duration_s=duration,
-        warmup_s=warmup,
-        search=not args.no_search,
-        max_rate=args.join_max_rate,
-        mcs=args.join_mcs,
-        meetings=args.join_meetings,
-        database_url=database_url,
-        redis_url=redis_url,
-    )
+    assign = AssignOptions(duration_s=duration, warmup_s=warmup, redis_url=_redis_from(args))
+    join = _join_options(args, prefix="join_")
     if concurrency is not None:
         heartbeats = replace(heartbeats, concurrency=concurrency)
         assign = replace(assign, concurrency=concurrency)
@@ -503,9 +506,7 @@ def _add_all(sub: SubParsers) -> None:
         metavar="PATH",
         help=f"the markdown report ({DEFAULT_OUTPUT})",
     )
-    parser.add_argument(
-        "--json", type=Path, default=None, metavar="PATH", help="also write every figure as JSON"
-    )
+    _json_option(parser, "every figure")
     parser.add_argument(
         "--skip",
         type=_bench_names,
@@ -513,20 +514,7 @@ def _add_all(sub: SubParsers) -> None:
         metavar="NAME,...",
         help=f"benchmarks not to run ({', '.join(BENCHES)})",
     )
-    parser.add_argument(
-        "--duration",
-        type=_positive_seconds,
-        default=10.0,
-        metavar="S",
-        help="measured seconds of each phase of heartbeats, join and assign (10)",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=_seconds,
-        default=2.0,
-        metavar="S",
-        help="discarded seconds before each of those phases (2)",
-    )
+    _timing_options(parser, phases="heartbeats, join and assign")
     parser.add_argument(
         "--concurrency",
         type=positive_int,
@@ -535,70 +523,8 @@ def _add_all(sub: SubParsers) -> None:
         help="closed-loop workers of heartbeats, assign and the join saturation "
         "(default: each bench's own, 64/64/32)",
     )
-    parser.add_argument(
-        "--heartbeat-mcs",
-        type=positive_int,
-        default=1000,
-        metavar="N",
-        help="heartbeats: MCs (1000)",
-    )
-    parser.add_argument(
-        "--health-mcs",
-        type=positive_int,
-        default=10_000,
-        metavar="N",
-        help="heartbeats: fleet of the health-check statement (10000)",
-    )
-    parser.add_argument(
-        "--health-runs",
-        type=positive_int,
-        default=20,
-        metavar="N",
-        help="heartbeats: timed runs of the health-check statement (20)",
-    )
-    parser.add_argument(
-        "--join-rates",
-        type=_rates,
-        default=(50, 100, 200),
-        metavar="R,R,...",
-        help="join: joins/s measured (50,100,200)",
-    )
-    parser.add_argument(
-        "--no-search",
-        action="store_true",
-        help="join: do not step the rate up for the highest rate with P99 <= 100 ms",
-    )
-    parser.add_argument(
-        "--join-max-rate",
-        type=positive_int,
-        default=2000,
-        metavar="R",
-        help="join: highest rate the search tries (2000)",
-    )
-    parser.add_argument(
-        "--join-mcs", type=positive_int, default=2, metavar="N", help="join: MCs (2)"
-    )
-    parser.add_argument(
-        "--join-meetings",
-        type=positive_int,
-        default=200,
-        metavar="N",
-        help="join: meetings the re-joins cycle over (200)",
-    )
-    parser.add_argument(
-        "--mixed-duration",
-        type=_positive_seconds,
-        default=60.0,
-        metavar="S",
-        help="mixed: measured seconds (60)",
-    )
-    parser.add_argument(
-        "--mixed-warmup",
-        type=_seconds,
-        default=5.0,
-        metavar="S",
-        help="mixed: discarded seconds first (5)",
-    )
+    _heartbeat_shape(parser, prefix="heartbeat_")
+    _join_shape(parser, prefix="join_")
     _mixed_shape(parser, prefix="mixed_")
     parser.set_defaults(func=_run_all)
 

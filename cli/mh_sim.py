@@ -21,9 +21,11 @@ One trio task per MH, modelled on the MC's GC task (:mod:`darktower.mc.gc_task`)
   is retried after the same backoff, but never later than the regular
   interval. Each failure is logged (one line: the MH, the RPC and the gRPC
   status - never the token); only cancellation ends :meth:`SimulatedMh.run`.
-* **Load** follows a :class:`LoadPattern` over the simulator's own time
-  (``trio.current_time()``, so tests drive it with ``MockClock``): the load
-  fraction sets streams (of ``max_streams``), CPU and bandwidth.
+* **Load** follows a :class:`~darktower.cli.mh_load.LoadPattern` over the
+  simulator's own time (``trio.current_time()``, so tests drive it with
+  ``MockClock``): the load fraction sets streams (of ``max_streams``), CPU
+  and bandwidth. Tokens come from a
+  :class:`~darktower.cli.mh_tokens.TokenSource`.
 
 The gRPC side is the MC's (:mod:`darktower.shared.gc_calls`): one channel,
 each call bounded and crossing the seam once, and every library failure
@@ -34,16 +36,16 @@ leaving :class:`GrpcMhRegistry` as :class:`NotRegistered` or
 
 from __future__ import annotations
 
-import math
 import random
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import NoReturn, Protocol, TypeVar
 
 import trio
 
+from darktower.cli.mh_load import LoadPattern
+from darktower.cli.mh_tokens import TokenSource
 from darktower.mc.backoff import Backoff, Rng
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
@@ -57,9 +59,7 @@ from darktower.shared.gc_calls import (
     gc_host_port,
     open_gc_channel,
 )
-from darktower.shared.keys import Ed25519PrivateKey
 from darktower.shared.logging import get_logger
-from darktower.shared.tokens import SERVICE_TOKEN_TTL_S, mint_mh_token
 
 __all__ = [
     "DEFAULT_ID_PREFIX",
@@ -71,16 +71,12 @@ __all__ = [
     "GcError",
     "GcUnavailable",
     "GrpcMhRegistry",
-    "LoadPattern",
     "MhFleet",
     "MhRegistry",
     "MhSpec",
     "MhStatistics",
-    "MintedTokens",
     "NotRegistered",
     "SimulatedMh",
-    "StaticTokens",
-    "TokenSource",
     "fleet_specs",
     "gc_host_port",
     "load_report",
@@ -109,67 +105,6 @@ REPORT_TIMEOUT_S = 5.0
 #: Added to an RPC's deadline for this module's own bound on the call.
 _CALL_SLACK_S = 1.0
 _MAX_DETAIL = 200
-#: Memory in use at zero load and at full load (percent): a media server
-#: holds its buffers whatever the load.
-_IDLE_MEMORY_PCT = 10.0
-_FULL_MEMORY_PCT = 90.0
-
-
-# --------------------------------------------------------------------------
-# Load patterns
-
-_PATTERN_USAGE = {
-    "constant": "constant:LOAD",
-    "sine": "sine:MIN,MAX,PERIOD_S",
-    "ramp": "ramp:FROM,TO,SECONDS",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPattern:
-    """The load fraction (0..1) over time since the simulator started.
-
-    ``constant:V``; ``sine:MIN,MAX,PERIOD_S`` (starts at MIN, peaks at MAX
-    after half a period); ``ramp:FROM,TO,SECONDS`` (linear, then holds TO).
-    """
-
-    kind: str
-    params: tuple[float, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> LoadPattern:
-        """Raises :class:`ValueError` with a message naming the rule broken."""
-        kind, _, rest = text.strip().partition(":")
-        usage = _PATTERN_USAGE.get(kind)
-        if usage is None:
-            raise ValueError(f"load pattern must be one of {', '.join(_PATTERN_USAGE.values())}")
-        try:
-            params = tuple(float(part) for part in rest.split(","))
-        except ValueError:
-            raise ValueError(f"expected {usage} (numbers)") from None
-        if len(params) != usage.count(",") + 1 or not all(math.isfinite(p) for p in params):
-            raise ValueError(f"expected {usage} (finite numbers)")
-        loads = params if kind == "constant" else params[:2]
-        if not all(0.0 <= load <= 1.0 for load in loads):
-            raise ValueError(f"{kind}: loads are fractions of capacity, 0 to 1")
-        if kind != "constant" and params[2] <= 0:
-            raise ValueError(f"{kind}: the period or duration must be positive seconds")
-        return cls(kind, params)
-
-    def at(self, elapsed_s: float) -> float:
-        """The load ``elapsed_s`` seconds after the start (clamped to 0..1)."""
-        if self.kind == "constant":
-            load = self.params[0]
-        elif self.kind == "sine":
-            low, high, period = self.params
-            load = low + (high - low) * (1 - math.cos(2 * math.pi * elapsed_s / period)) / 2
-        else:
-            start, end, seconds = self.params
-            load = start + (end - start) * min(max(elapsed_s, 0.0) / seconds, 1.0)
-        return min(max(load, 0.0), 1.0)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{','.join(f'{p:g}' for p in self.params)}"
 
 
 # --------------------------------------------------------------------------
@@ -244,6 +179,12 @@ def _check_spec(spec: MhSpec) -> None:
         raise ValueError(str(exc)) from None
 
 
+#: Memory in use at zero load and at full load (percent): a media server
+#: holds its buffers whatever the load.
+_IDLE_MEMORY_PCT = 10.0
+_FULL_MEMORY_PCT = 90.0
+
+
 def load_report(spec: MhSpec, load: float) -> pb.MHLoadReportRequest:
     """The report of an MH at ``load`` (0..1): streams in proportion, CPU and
     bandwidth likewise, memory from an idle floor."""
@@ -255,63 +196,6 @@ def load_report(spec: MhSpec, load: float) -> pb.MHLoadReportRequest:
         memory_usage_percent=_IDLE_MEMORY_PCT + (_FULL_MEMORY_PCT - _IDLE_MEMORY_PCT) * load,
         bandwidth_usage_percent=100.0 * load,
     )
-
-
-# --------------------------------------------------------------------------
-# Tokens
-
-
-class TokenSource(Protocol):
-    """The current service token of an MH (``sub`` = its id)."""
-
-    def __call__(self, handler_id: str) -> Secret: ...
-
-
-class MintedTokens:
-    """MH tokens minted with a signing key (a ``dt keys init`` key standing in
-    for the AC), each minted again once half its lifetime has passed, so a
-    simulator may run for days. Tokens live only in memory."""
-
-    def __init__(
-        self,
-        private_key: Ed25519PrivateKey,
-        kid: str,
-        *,
-        ttl_s: int = SERVICE_TOKEN_TTL_S,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._key = private_key
-        self._kid = kid
-        self._ttl_s = ttl_s
-        self._clock = clock
-        self._tokens: dict[str, tuple[float, Secret]] = {}
-
-    def __repr__(self) -> str:
-        return f"MintedTokens(kid={self._kid!r})"
-
-    def __call__(self, handler_id: str) -> Secret:
-        now = self._clock()
-        minted = self._tokens.get(handler_id)
-        if minted is None or now - minted[0] >= self._ttl_s / 2:
-            token = mint_mh_token(
-                self._key, kid=self._kid, mh_id=handler_id, ttl_s=self._ttl_s, now=now
-            )
-            minted = (now, Secret(token))
-            self._tokens[handler_id] = minted
-        return minted[1]
-
-
-class StaticTokens:
-    """Tokens handed over ready-made (one per MH); they are not renewed."""
-
-    def __init__(self, tokens: Mapping[str, Secret]) -> None:
-        self._tokens = dict(tokens)
-
-    def __repr__(self) -> str:
-        return f"StaticTokens({len(self._tokens)} tokens)"
-
-    def __call__(self, handler_id: str) -> Secret:
-        return self._tokens[handler_id]
 
 
 # --------------------------------------------------------------------------

@@ -41,22 +41,20 @@ import trio
 
 from darktower.cli.args import positive_int
 from darktower.cli.keys_cmd import DEFAULT_KEYS_DIR, SIGNING_KEY_FILE
+from darktower.cli.mh_load import LoadPattern
 from darktower.cli.mh_sim import (
     DEFAULT_ID_PREFIX,
     DEFAULT_MAX_STREAMS,
     DEFAULT_REGION,
     DEFAULT_WEBTRANSPORT_BASE_PORT,
     DEFAULT_ZONES,
-    LoadPattern,
     MhFleet,
     MhSpec,
-    MintedTokens,
-    StaticTokens,
-    TokenSource,
     fleet_specs,
     gc_host_port,
     open_mh_registry,
 )
+from darktower.cli.mh_tokens import MintedTokens, StaticTokens, TokenSource
 from darktower.shared.config import Secret, parse_service_token, token_subject
 from darktower.shared.keys import KeyFileError, key_id, load_private_key
 from darktower.shared.logging import configure_logging

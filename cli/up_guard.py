@@ -126,9 +126,10 @@ class _Tracked:
     last: bool
 
 
-def _running(proc: psutil.Process) -> bool:
+def is_running(proc: psutil.Process) -> bool:
     """Running and not a zombie (an orphan's zombie waits for whoever
-    adopted it to reap it, and can be neither signalled nor waited for)."""
+    adopted it to reap it, and can be neither signalled nor waited for).
+    Also what the tests of ``dt up`` mean by "left running"."""
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -166,11 +167,11 @@ def _signal_all(procs: Iterable[psutil.Process], kill: bool) -> None:
                 proc.terminate()
 
 
-def _wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+def wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Poll (bounded) until none runs; those still running."""
     deadline = time.monotonic() + timeout
     while True:
-        left = [proc for proc in procs if _running(proc)]
+        left = [proc for proc in procs if is_running(proc)]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(_POLL_S)
@@ -179,7 +180,7 @@ def _wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.P
 def _stop(group: Sequence[_Tracked]) -> list[str]:
     """SIGTERM to every running one at once, SIGKILL after the grace, then
     the same for what they had started; the names of those that ran."""
-    running = [tracked for tracked in group if _running(tracked.proc)]
+    running = [tracked for tracked in group if is_running(tracked.proc)]
     if not running:
         return []
     descendants: list[psutil.Process] = []
@@ -188,9 +189,9 @@ def _stop(group: Sequence[_Tracked]) -> list[str]:
             descendants += tracked.proc.children(recursive=True)
     for procs in ([tracked.proc for tracked in running], descendants):
         _signal_all(procs, kill=False)
-        left = _wait_gone(procs, STOP_GRACE_S)
+        left = wait_gone(procs, STOP_GRACE_S)
         _signal_all(left, kill=True)
-        _wait_gone(left, STOP_GRACE_S)
+        wait_gone(left, STOP_GRACE_S)
     return [tracked.name for tracked in running]
 
 

@@ -3,11 +3,13 @@
 All trio-flavoured; no I/O here except the injected ``on_meeting_ended``
 callback (the app makes it call the GC's ``NotifyMeetingEnded``).
 
-Shape. Every actor is one trio task reading a bounded memory-channel mailbox;
-others hold a *handle* (:class:`MeetingHandle`, :class:`ParticipantHandle`)
-that only sends to it. Each actor's task lives in its parent's nursery, so
-cancelling :meth:`MeetingControllerActor.run` tears the whole tree down, and
-stopping a meeting cancels its participants.
+Shape. Every meeting and participant actor is one trio task reading a bounded
+memory-channel mailbox; others hold a *handle* (:class:`MeetingHandle`,
+:class:`ParticipantHandle`) that only sends to it. The controller has no
+mailbox: its changes are synchronous calls (see its class docs). Each
+actor's task lives in its parent's nursery, so cancelling
+:meth:`MeetingControllerActor.run` tears the whole tree down, and stopping a
+meeting cancels its participants.
 
 Backpressure. Mailboxes are bounded (``mailbox_size``). Handles offer trio's
 ``op`` / ``op_nowait`` pair: ``op_nowait`` raises :class:`MailboxFull` at once
@@ -355,12 +357,6 @@ class MeetingActor:
 # -- the controller ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Stop:
-    meeting_id: str
-    reason: EndReason
-
-
 class MeetingControllerActor:
     """The root of the actor tree: starts, stops and supervises meetings.
 
@@ -368,9 +364,10 @@ class MeetingControllerActor:
     single writer because every change to them is one synchronous step (no
     await inside), which in trio nothing can interleave with. So starting a
     meeting is a direct call, like stopping one, not a round trip through
-    the mailbox: on the assignment hot path (SPEC §7.2) that round trip
+    a mailbox: on the assignment hot path (SPEC §7.2) that round trip
     serialised nothing more and cost two task switches and an event per
-    assignment. Meeting actors run in its nursery, owned by :meth:`run`.
+    assignment, so the controller has none. Meeting actors run in its
+    nursery, owned by :meth:`run`; ``mailbox_size`` bounds theirs.
     """
 
     def __init__(
@@ -393,7 +390,6 @@ class MeetingControllerActor:
         self._mailbox_size = mailbox_size
         self._send_timeout_s = send_timeout_s
         self._notify_timeout_s = notify_timeout_s
-        self._send, self._receive = trio.open_memory_channel[object](mailbox_size)
         self._meetings: dict[str, MeetingActor] = {}
         self._nursery: trio.Nursery | None = None
         self._all_ended = trio.Event()
@@ -402,26 +398,21 @@ class MeetingControllerActor:
     # -- lifecycle ----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve commands until cancelled (trio-flavoured; use ``nursery.start``).
+        """Own the meeting actors' nursery until cancelled (trio-flavoured;
+        use ``nursery.start``).
 
-        Ready as soon as the mailbox is being read. Cancellation cancels every
-        meeting and participant actor before this returns.
+        The controller has no mailbox of its own (see the class docs): ready
+        as soon as the nursery is open, so :meth:`start_meeting` can host.
+        Cancellation cancels every meeting and participant actor before this
+        returns.
         """
         try:
-            with self._receive:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    task_status.started()
-                    async for command in self._receive:
-                        self._handle(command, nursery)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
         finally:
             self._nursery = None
-
-    def _handle(self, command: object, nursery: trio.Nursery) -> None:
-        if isinstance(command, _Stop):
-            actor = self._meetings.get(command.meeting_id)
-            if actor is not None:
-                actor.stop(command.reason)
 
     def _start(
         self,
@@ -565,9 +556,4 @@ class MeetingControllerActor:
         return False
 
     def statistics(self) -> dict[str, int]:
-        stats = self._send.statistics()
-        return {
-            "meetings": len(self._meetings),
-            "mailbox_used": stats.current_buffer_used,
-            "mailbox_size": int(stats.max_buffer_size),
-        }
+        return {"meetings": len(self._meetings)}

@@ -8,7 +8,10 @@ newer claim (``FENCED_OUT``, ``SPLIT_BRAIN``) stops that meeting here, is
 counted and logged at error level, and the write is never retried. Keys lost
 by Redis (``NOT_CLAIMED``) are claimed again at the meeting's generation.
 Redis being down or failing is logged and retried at the next tick - nothing
-is dropped on the strength of an outage.
+is dropped on the strength of an outage. A failed round logs one summary line
+(how many meetings went unanswered, and why), not one per meeting: an outage
+would otherwise write a line per hosted meeting per round, burying the
+per-meeting outcomes (fenced out, reclaimed) that do get their own line.
 
 Cost. A round writes every hosted meeting, so it goes in chunks of
 ``chunk_size`` meetings handed to the store together
@@ -22,6 +25,7 @@ assignment's claim.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import trio
 
@@ -82,22 +86,35 @@ class FencingWatch:
         are still acted on - each is Redis's own answer for its meeting.
         """
         dropped: list[str] = []
+        errors: Counter[str] = Counter()
         meeting_ids = self._controller.meeting_ids()
         for start in range(0, len(meeting_ids), self._chunk_size):
+            end = start + self._chunk_size
             handles = [
                 handle
-                for handle in map(
-                    self._controller.meeting, meeting_ids[start : start + self._chunk_size]
-                )
+                for handle in map(self._controller.meeting, meeting_ids[start:end])
                 if handle is not None  # None: ended since the list was taken
             ]
-            if not await self._check_chunk(handles, dropped):
+            await self._check_chunk(handles, dropped, errors)
+            if errors:
+                # Redis trouble is never a reason to drop a meeting (or to
+                # stop the MC): say so once for the round.
+                log.warning(
+                    "fenced_write_failed",
+                    meetings=errors.total(),
+                    unchecked=max(len(meeting_ids) - end, 0),
+                    hosted=len(meeting_ids),
+                    error=",".join(sorted(errors)),
+                )
                 break
         return dropped
 
-    async def _check_chunk(self, handles: list[MeetingHandle], dropped: list[str]) -> bool:
+    async def _check_chunk(
+        self, handles: list[MeetingHandle], dropped: list[str], errors: Counter[str]
+    ) -> None:
         """Write (and if need be reclaim) ``handles``' meetings; act on the
-        answers. Whether Redis answered every one of them."""
+        answers. Counts in ``errors``, by error kind, the meetings Redis did
+        not answer."""
         # The generation each write is made under: the actor's may change
         # (our own newer claim) while the write is on the way.
         generations = [handle.generation for handle in handles]
@@ -114,18 +131,12 @@ class FencingWatch:
         if bound.cancelled_caught:
             # Half an answer (writes without their reclaims) is no answer: a
             # NOT_CLAIMED left in it would look like a refusal.
-            log.warning("fenced_write_failed", meetings=len(handles), error="TooSlowError")
-            return False
-        answered = True
+            errors["TooSlowError"] += len(handles)
+            return
         for handle, generation, outcome in zip(handles, generations, outcomes, strict=True):
             meeting_id = handle.meeting_id
             if isinstance(outcome, MeetingStateError):
-                # Redis trouble is never a reason to drop a meeting (or to
-                # stop the MC).
-                log.warning(
-                    "fenced_write_failed", meeting_id=meeting_id, error=type(outcome).__name__
-                )
-                answered = False
+                errors[type(outcome).__name__] += 1
                 continue
             if outcome.owner == self._mc_id or handle.generation != generation:
                 # Ours (written, or reclaimed), or our own newer claim landed
@@ -141,7 +152,6 @@ class FencingWatch:
                 )
                 self._controller.fenced_out(meeting_id)
                 dropped.append(meeting_id)
-        return answered
 
     async def _reclaim(
         self, handles: list[MeetingHandle], generations: list[int], outcomes: list[_Outcome]

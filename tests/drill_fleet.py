@@ -1,6 +1,7 @@
-"""A running fleet for the failure drills (issue 5, SPEC §10): one GC, MCs
-and simulated MHs as real processes on loopback over real PostgreSQL and
-Redis, open-loop join load over HTTP, and a watch over the GC's tables.
+"""A running fleet for the failure drills (issue 5, SPEC §10): GCs (one, or
+several on one database), MCs and simulated MHs as real processes on
+loopback over real PostgreSQL and Redis (the session's, or a drill's private
+servers), open-loop join load over HTTP, and a watch over the GC's tables.
 
 Shortened intervals. A drill must see detection, reassignment and recovery
 in seconds, so :class:`DrillTiming` hands every process short staleness,
@@ -18,23 +19,25 @@ answers do (each join is its own task), so a slow or failing GC shows up as
 latency and errors instead of silently lowering the offered load.
 
 Every wait here is a bounded poll of what the processes publish (database
-rows, ``/metrics``, Redis), never a sleep standing in for synchronisation.
+rows, ``/metrics``, Redis, :func:`process_harness.eventually`), never a
+sleep standing in for synchronisation.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import json
 import signal
 import subprocess
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import coredis
@@ -42,7 +45,16 @@ import httpx
 import pytest
 import trio
 from gc_harness import DevKeys, gc_environ
-from process_harness import GcProcess, child_environ, gc_process, mc_process
+from process_harness import (
+    POLL_STEP_S,
+    READY_WITHIN_S,
+    GcProcess,
+    child_environ,
+    eventually,
+    gc_process,
+    mc_process,
+    wait_all_ready,
+)
 
 from darktower.cli import mh_sim_cmd
 from darktower.mc.repositories.meeting_state import MeetingStateStore
@@ -50,15 +62,13 @@ from darktower.shared import tokens
 from darktower.shared.db import open_pool
 from darktower.shared.seam import run_aio
 
-T = TypeVar("T")
-
 #: The organisation and user the drills' meetings belong to.
 ORG = uuid.UUID("55555555-5555-4555-8555-555555555555")
 USER = "drill-user"
+#: The GC of a fleet with one, and the MCs it has by default.
 GC_ID = "gc-drill"
+MC_IDS = ("mc-1", "mc-2", "mc-3")
 MH_ID_PREFIX = "mh-drill-"
-#: Step of every bounded poll here, and of :class:`FleetWatch` by default.
-POLL_STEP_S = 0.05
 #: Bound on a fleet's start (processes ready, every node healthy): Python
 #: imports of five processes on a shared 2-core machine.
 START_WITHIN_S = 30.0
@@ -91,6 +101,7 @@ class DrillTiming:
     #: Long enough that no meeting ends as empty during a drill (its end
     #: would be reported to the GC and change the assignments under test).
     empty_meeting_timeout_s: float = 600.0
+    mc_max_meetings: int = 500
 
     @property
     def fast_heartbeat_s(self) -> float:
@@ -105,8 +116,8 @@ class DrillTiming:
             "GC_LOAD_REPORT_MS": str(self.load_report_ms),
             "GC_MC_RPC_TIMEOUT_S": str(self.mc_rpc_timeout_s),
             "GC_JOIN_TIMEOUT_S": str(self.join_timeout_s),
-            # The load creates meetings as one user.
-            "GC_CREATES_PER_MINUTE": "100000",
+            # The drills create meetings as one user, as fast as they can.
+            "GC_CREATES_PER_MINUTE": "1000000",
         }
 
     def mc_overrides(self) -> dict[str, str]:
@@ -114,7 +125,7 @@ class DrillTiming:
             "MC_EMPTY_MEETING_TIMEOUT_S": str(self.empty_meeting_timeout_s),
             "MC_FENCE_CHECK_INTERVAL_S": str(self.fence_check_interval_s),
             "MC_DRAIN_TIMEOUT_S": "1",
-            "MC_MAX_MEETINGS": "500",
+            "MC_MAX_MEETINGS": str(self.mc_max_meetings),
         }
 
 
@@ -190,14 +201,16 @@ class CreateFailed(Exception):
 
 @dataclass
 class Fleet:
-    """A running GC, MCs (by id) and simulated MHs, with an HTTP client on
-    the GC and a database pool; trio-flavoured (inside ``aio_loop``)."""
+    """Running GCs, MCs (by id) and simulated MHs, with an HTTP client on
+    the first GC and a database pool; trio-flavoured (inside ``aio_loop``)."""
 
     keys: DevKeys
     dsn: str
     redis_url: str
     timing: DrillTiming
-    gc: GcProcess
+    workdir: Path
+    #: In the order they were given; the MHs report to the first.
+    gcs: list[GcProcess]
     mcs: dict[str, GcProcess]
     mh_ids: tuple[str, ...]
     http: httpx.AsyncClient
@@ -206,15 +219,31 @@ class Fleet:
     #: keys are deleted when the fleet stops).
     meetings: list[Meeting] = field(default_factory=list)
 
+    @property
+    def gc(self) -> GcProcess:
+        """The first GC (the only one, in most drills)."""
+        return self.gcs[0]
+
+    def restarted_gc(self, gc: GcProcess) -> AbstractAsyncContextManager[GcProcess]:
+        """GC ``gc`` (stopped) started again as it was: same id,
+        configuration and ports, so its MCs and MHs reach it where they did."""
+        environ = fleet_gc_environ(self.keys, self.dsn, gc.name, self.timing)
+        return gc_process(environ, self.workdir, gc.name, ports=(gc.http_port, gc.grpc_port))
+
+    def assert_all_running(self) -> None:
+        """No GC or MC process has exited."""
+        for process in [*self.gcs, *self.mcs.values()]:
+            assert process.process.returncode is None, process.stderr()
+
     @functools.cached_property
-    def _user_token(self) -> str:
-        # One token for the whole drill (valid for an hour), as a client has.
+    def user_token(self) -> str:
+        """One user token for the whole drill (valid for an hour), as a client has."""
         return tokens.mint_user_token(
             self.keys.private_key, kid=self.keys.kid, user_id=USER, org_id=str(ORG)
         )
 
     def user_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._user_token}"}
+        return {"Authorization": f"Bearer {self.user_token}"}
 
     async def create_meeting(self, display_name: str = "Drill") -> Meeting:
         """Create a meeting over HTTP (:class:`CreateFailed` unless 201)."""
@@ -307,6 +336,10 @@ class Fleet:
         return problems
 
 
+def fleet_gc_environ(keys: DevKeys, dsn: str, gc_id: str, timing: DrillTiming) -> dict[str, str]:
+    return gc_environ(keys, dsn, GC_ID=gc_id, **timing.gc_overrides())
+
+
 def mc_environ(
     keys: DevKeys, gc: GcProcess, redis_url: str, mc_id: str, timing: DrillTiming
 ) -> dict[str, str]:
@@ -322,9 +355,11 @@ def mc_environ(
 @asynccontextmanager
 async def mh_sim_process(
     keys: DevKeys, gc: GcProcess, workdir: Path, count: int
-) -> AsyncIterator[trio.Process]:
+) -> AsyncIterator[tuple[str, ...]]:
     """``dt mh-sim`` (its module, as ``dt up`` starts it) with ``count`` MHs
-    ``mh-drill-1`` ...; stopped with SIGTERM (killed if it lingers)."""
+    ``mh-drill-1`` ... (zones round-robin) reporting to ``gc``; yields their
+    ids once its ready line says the GC took every MH's first report.
+    Stopped with SIGTERM (killed if it lingers)."""
     argv = mh_sim_cmd.command(
         gc_url=f"http://127.0.0.1:{gc.grpc_port}",
         count=count,
@@ -332,15 +367,29 @@ async def mh_sim_process(
         id_prefix=MH_ID_PREFIX,
         log_level="WARNING",
     )
-    with (
-        (workdir / "mh-sim.stdout").open("wb") as out,
-        (workdir / "mh-sim.stderr").open("wb") as err,
-    ):
+    stderr_path = workdir / "mh-sim.stderr"
+    with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            argv, env=child_environ({}), stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            argv,
+            env=child_environ({}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
         )
     try:
-        yield process
+        assert process.stdout is not None
+        line = b""
+        with trio.move_on_after(READY_WITHIN_S):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+        if not line.endswith(b"\n"):
+            pytest.fail(f"mh-sim not ready within {READY_WITHIN_S} s:\n{stderr_path.read_text()}")
+        ready = json.loads(line.splitlines()[0])
+        assert ready["event"] == "ready", ready
+        yield tuple(ready["mh_ids"])
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -350,25 +399,6 @@ async def mh_sim_process(
             process.kill()
             with trio.move_on_after(5, shield=True):
                 await process.wait()
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T | None]],
-    what: str | Callable[[], str],
-    *,
-    within_s: float,
-    step_s: float = POLL_STEP_S,
-) -> T:
-    """``probe``'s first result that is not ``None``, polled every ``step_s``
-    for at most ``within_s``; else the test fails saying ``what`` did not
-    happen in time."""
-    with trio.move_on_after(within_s):
-        while True:
-            result = await probe()
-            if result is not None:
-                return result
-            await trio.sleep(step_s)
-    pytest.fail(f"not within {within_s:g} s: {what if isinstance(what, str) else what()}")
 
 
 async def _forget_meetings(redis_url: str, meeting_ids: Sequence[str]) -> None:
@@ -386,58 +416,67 @@ async def running_fleet(
     redis_url: str,
     workdir: Path,
     *,
-    mc_ids: Sequence[str] = ("mc-1", "mc-2", "mc-3"),
+    mcs_by_gc: Mapping[str, Sequence[str]] | None = None,
     mh_count: int = 2,
     timing: DrillTiming = DrillTiming(),
 ) -> AsyncIterator[Fleet]:
-    """A GC, ``mc_ids`` MCs and ``mh_count`` simulated MHs, each a process,
-    every MC and MH ``healthy`` in the GC's database when the block begins.
-    Processes still running at the end are killed; the Redis keys of the
-    meetings created meanwhile are deleted once no MC is left to write them.
-    Call inside ``aio_loop``; ``dsn`` an emptied database."""
-    gc_env = gc_environ(
-        keys, dsn, GC_ID=GC_ID, GC_SERVICE_TOKEN=keys.gc_token(GC_ID), **timing.gc_overrides()
-    )
+    """A GC for each id of ``mcs_by_gc`` (all on ``dsn``; by default
+    :data:`GC_ID` alone, with :data:`MC_IDS`) and the MCs named there,
+    pointing at it; ``mh_count`` simulated MHs (none: no simulator)
+    reporting to the first GC. Each is a process; every MC and MH is
+    ``healthy`` in the GC's database when the block begins. Processes still
+    running at the end are killed; the Redis keys of the meetings created
+    through :meth:`Fleet.create_meeting` are deleted once no MC is left to
+    write them. Call inside ``aio_loop``; ``dsn`` an emptied database."""
+    if mcs_by_gc is None:
+        mcs_by_gc = {GC_ID: MC_IDS}
     created: list[Meeting] = []
     async with AsyncExitStack() as stack:
 
         async def forget() -> None:
-            with trio.move_on_after(10, shield=True):
-                await _forget_meetings(redis_url, [m.meeting_id for m in created])
+            if created:
+                with trio.move_on_after(10, shield=True):
+                    await _forget_meetings(redis_url, [m.meeting_id for m in created])
 
         # First in, last out: runs after every process is gone.
         stack.push_async_callback(forget)
-        gc = await stack.enter_async_context(gc_process(gc_env, workdir, "gc"))
-        await gc.wait_ready()
-        await stack.enter_async_context(mh_sim_process(keys, gc, workdir, mh_count))
-        mcs = {
-            mc_id: await stack.enter_async_context(
-                mc_process(mc_environ(keys, gc, redis_url, mc_id, timing), workdir, mc_id)
+        gcs = [
+            await stack.enter_async_context(
+                gc_process(fleet_gc_environ(keys, dsn, gc_id, timing), workdir, gc_id)
             )
-            for mc_id in mc_ids
-        }
-        async with trio.open_nursery() as nursery:
-            for mc in mcs.values():
-                nursery.start_soon(mc.wait_ready)
-        db = await stack.enter_async_context(open_pool(dsn, min_size=1, max_size=4))
+            for gc_id in mcs_by_gc
+        ]
+        await wait_all_ready(gcs)
+        mcs: dict[str, GcProcess] = {}
+        for gc, mc_ids in zip(gcs, mcs_by_gc.values(), strict=True):
+            for mc_id in mc_ids:
+                environ = mc_environ(keys, gc, redis_url, mc_id, timing)
+                mcs[mc_id] = await stack.enter_async_context(mc_process(environ, workdir, mc_id))
+        await wait_all_ready(mcs.values())
+        mh_ids: tuple[str, ...] = ()
+        if mh_count:
+            mh_ids = await stack.enter_async_context(
+                mh_sim_process(keys, gcs[0], workdir, mh_count)
+            )
+        # No connection floor: a drill that stops PostgreSQL must not have
+        # this pool reconnecting (and logging) through the outage.
+        db = await stack.enter_async_context(open_pool(dsn, min_size=0, max_size=4))
         http = await stack.enter_async_context(
             httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{gc.http_port}",
+                base_url=f"http://127.0.0.1:{gcs[0].http_port}",
                 timeout=JOIN_CLIENT_TIMEOUT_S,
                 # Open loop: a request must never queue for a connection.
                 limits=httpx.Limits(max_connections=500, max_keepalive_connections=100),
             )
         )
-        mh_ids = tuple(f"{MH_ID_PREFIX}{n}" for n in range(1, mh_count + 1))
-        fleet = Fleet(keys, dsn, redis_url, timing, gc, mcs, mh_ids, http, db, created)
+        fleet = Fleet(keys, dsn, redis_url, timing, workdir, gcs, mcs, mh_ids, http, db, created)
 
-        async def all_healthy() -> bool | None:
+        async def all_healthy() -> bool:
             controllers = await fleet.controllers()
             handlers = await fleet.handlers()
-            mcs_ok = {c: r.health_status for c, r in controllers.items()} == dict.fromkeys(
-                mc_ids, "healthy"
-            )
-            return True if mcs_ok and handlers == dict.fromkeys(mh_ids, "healthy") else None
+            return {c: r.health_status for c, r in controllers.items()} == dict.fromkeys(
+                mcs, "healthy"
+            ) and handlers == dict.fromkeys(mh_ids, "healthy")
 
         await eventually(all_healthy, "every MC and MH healthy", within_s=START_WITHIN_S)
         yield fleet

@@ -13,10 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import httpx
@@ -34,6 +35,8 @@ POLL_STEP_S = 0.05
 READY_WITHIN_S = 20.0
 #: SPEC §2: shutdown is graceful and bounded.
 STOPPED_WITHIN_S = 10.0
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -54,10 +57,14 @@ def child_environ(environ: dict[str, str]) -> dict[str, str]:
 
 @dataclass
 class GcProcess:
+    """A GC or MC process (:func:`gc_process`, :func:`mc_process`)."""
+
     process: trio.Process
     http_port: int
     grpc_port: int
     stderr_path: Path
+    #: What its logs are named after (an MC's id; a GC's, in fleets).
+    name: str = ""
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -157,7 +164,7 @@ async def _service_process(
             stderr=stderr,
         )
     try:
-        yield GcProcess(process, http_port, grpc_port, stderr_path)
+        yield GcProcess(process, http_port, grpc_port, stderr_path, name)
     finally:
         if process.returncode is None:
             process.kill()
@@ -173,10 +180,36 @@ async def ready_gc_processes(
     when the block begins."""
     async with AsyncExitStack() as stack:
         gcs = [await stack.enter_async_context(gc_process(environ, workdir, n)) for n in names]
-        async with trio.open_nursery() as nursery:
-            for gc in gcs:
-                nursery.start_soon(gc.wait_ready)
+        await wait_all_ready(gcs)
         yield gcs
+
+
+async def wait_all_ready(processes: Iterable[GcProcess]) -> None:
+    """:meth:`GcProcess.wait_ready` for every one of ``processes`` at once
+    (processes started together import in parallel)."""
+    async with trio.open_nursery() as nursery:
+        for process in processes:
+            nursery.start_soon(process.wait_ready)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]],
+    what: str | Callable[[], str],
+    *,
+    within_s: float,
+    step_s: float = POLL_STEP_S,
+) -> T:
+    """``probe``'s first result that is neither ``None`` nor ``False``,
+    polled every ``step_s`` for at most ``within_s``; else the test fails
+    saying ``what`` did not happen in time. (A yes/no check is a probe too:
+    it returns ``True`` once it holds.)"""
+    with trio.move_on_after(within_s):
+        while True:
+            result = await probe()
+            if result is not None and result is not False:
+                return result
+            await trio.sleep(step_s)
+    pytest.fail(f"not within {within_s:g} s: {what if isinstance(what, str) else what()}")
 
 
 def assert_clean_stop(gc: GcProcess, status: int) -> None:

@@ -11,22 +11,23 @@ Nothing the run made - process, database, Redis key - is left behind.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import re
-import secrets
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-import psutil
 import pytest
+from bench_harness import (
+    HEADINGS,
+    existing_databases,
+    run_bench,
+    section,
+    server_options,
+    table_rows,
+)
 
 from darktower.cli import bench_cmd
 from darktower.cli.bench.all import AllOptions, redact_argv, run_all
@@ -38,7 +39,6 @@ from darktower.cli.bench.procs import GroupSample, group_usage
 
 #: Generous: the run itself takes ~45 s; the bound only catches a hang.
 BENCH_TIMEOUT_S = 240
-_MARKER_VARIABLE = "DT_TEST_BENCH_ALL_RUN"
 
 
 # --------------------------------------------------------------------------
@@ -163,59 +163,13 @@ def test_a_bench_that_cannot_run_is_reported_and_fails_the_command(
 # End to end
 
 
-def _marked_processes(marker: str) -> list[str]:
-    """Processes carrying ``marker`` in their environment: the bench and
-    every process it started inherit it (other runs' processes do not)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.environ().get(_MARKER_VARIABLE) == marker:
-                found.append(" ".join(proc.info["cmdline"] or []))
-        except psutil.Error:
-            continue
-    return found
-
-
-def _existing_databases(server_dsn: str, names: list[str]) -> list[str]:
-    async def existing() -> list[str]:
-        conn = await asyncpg.connect(server_dsn, timeout=10)
-        try:
-            rows = await conn.fetch(
-                "SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", names
-            )
-        finally:
-            await conn.close()
-        return [row[0] for row in rows]
-
-    return asyncio.run(existing())
-
-
-def _bench_redis(url: str) -> str:
-    """Benches get logical database 15 of a TCP server (the MCs write their
-    keys without a prefix); other URLs are used as given."""
-    parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss"):
-        return urlunsplit(parts._replace(path="/15"))
-    return url
-
-
-def _section(markdown: str, heading: str) -> str:
-    assert f"\n{heading}" in markdown, heading
-    return markdown.split(f"\n{heading}", 1)[1].split("\n## ", 1)[0]
-
-
-def _table(section: str, first_header: str) -> dict[str, list[str]]:
+def _table(text: str, first_header: str) -> dict[str, list[str]]:
     """The table whose first header cell is ``first_header``: first cell ->
     the row's cells."""
-    lines = section.splitlines()
+    lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
-    rows: dict[str, list[str]] = {}
-    for line in lines[start + 2 :]:
-        if not line.startswith("| "):
-            break
-        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
-        rows[cells[0]] = cells
-    return rows
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    return {row[0]: row for row in table_rows("\n".join(lines[start:end]))}
 
 
 def _number(text: str) -> float:
@@ -234,27 +188,20 @@ def _target_text(target: dict[str, Any]) -> str:
 def test_bench_all_writes_the_report_end_to_end(
     pg_server_dsn: str, redis_server_url: str, tmp_path: Path
 ) -> None:
-    marker = secrets.token_hex(8)
     report_path = tmp_path / "BENCHMARKS.md"
     figures_path = tmp_path / "figures.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env[_MARKER_VARIABLE] = marker
-    argv = [sys.executable, "-m", "darktower.cli", "bench", "all"]
-    argv += ["--database-url", pg_server_dsn, "--redis-url", _bench_redis(redis_server_url)]
+    argv = ["all", *server_options(pg_server_dsn, redis_server_url)]
     argv += ["--output", str(report_path), "--json", str(figures_path)]
     argv += ["--duration", "1", "--warmup", "0.2", "--concurrency", "4"]
     argv += ["--heartbeat-mcs", "20", "--health-mcs", "200", "--health-runs", "2"]
     argv += ["--join-rates", "20", "--no-search", "--join-mcs", "1", "--join-meetings", "10"]
     argv += ["--mixed-duration", "2", "--mixed-warmup", "0.5", "--mixed-rate", "20"]
     argv += ["--mixed-meetings", "10"]
-    completed = subprocess.run(
-        argv, env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, check=False
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert f"report written to {report_path}" in completed.stdout
+    ran = run_bench(argv, timeout_s=BENCH_TIMEOUT_S)
+    assert f"report written to {report_path}" in ran.stdout
     # Each bench's own report was printed as it ended.
     for name in ("heartbeats", "join", "assign", "mixed"):
-        assert f"dt bench {name}\n" in completed.stdout
+        assert f"dt bench {name}\n" in ran.stdout
 
     markdown = report_path.read_text()
     run = json.loads(figures_path.read_text())
@@ -263,20 +210,11 @@ def test_bench_all_writes_the_report_end_to_end(
     assert all("error" not in figures for figures in benches.values())
 
     # Every section, in order.
-    headings = [line for line in markdown.splitlines() if line.startswith("#")]
-    assert headings == [
-        "# Benchmarks",
-        "## Machine",
-        "## Targets",
-        "## Heartbeats (issue 2): `dt bench heartbeats`",
-        "## Join (issue 3): `dt bench join`",
-        "## Assign (issue 4): `dt bench assign`",
-        "## Mixed scenario (issue 5): `dt bench mixed`",
-    ]
+    assert [line for line in markdown.splitlines() if line.startswith("#")] == HEADINGS
     assert "--mixed-rate 20" in markdown  # the command that made it
 
     # The machine it ran on.
-    machine = _table(_section(markdown, "## Machine"), "")
+    machine = _table(section(markdown, "## Machine"), "")
     assert machine["CPU"][1].endswith(f", {os.cpu_count()} cores")
     assert machine["Memory"][1].endswith(" GiB")
     assert platform.python_version() in machine["Python"][1]
@@ -290,7 +228,7 @@ def test_bench_all_writes_the_report_end_to_end(
     )
 
     # Every target of every bench beside its result, as the run judged it.
-    by_text = {cells[2]: cells for cells in _rows_of(_section(markdown, "## Targets"))}
+    by_text = {row[2]: row for row in table_rows(section(markdown, "## Targets"))}
     issues = {"heartbeats": "2", "join": "3", "assign": "4"}
     for bench, issue in issues.items():
         assert benches[bench]["targets"], bench
@@ -306,28 +244,28 @@ def test_bench_all_writes_the_report_end_to_end(
     assert any(row[4] == "reported" and row[0] == "5" for row in by_text.values())
 
     # Each bench's table carries its run's figures.
-    gc = _table(_section(markdown, "## Heartbeats"), "System")["GC (python -m darktower.gc)"]
+    gc = _table(section(markdown, "## Heartbeats"), "System")["GC (python -m darktower.gc)"]
     assert _number(gc[1]) == pytest.approx(benches["heartbeats"]["systems"]["gc"]["throughput"])
     assert _number(gc[1]) > 0
-    rates = _table(_section(markdown, "## Join"), "Rate")["20/s"]
+    rates = _table(section(markdown, "## Join"), "Rate")["20/s"]
     first_join = benches["join"]["systems"]["first_join@20"]["latency_ms"]
     p50, p95, p99 = (_number(v) for v in rates[1].split(" / "))
     assert (p50, p95, p99) == pytest.approx(
         (first_join["p50"], first_join["p95"], first_join["p99"]), abs=0.01
     )
     assert 0 < p50 <= p95 <= p99
-    mc = _table(_section(markdown, "## Assign"), "System")["MC (python -m darktower.mc)"]
+    mc = _table(section(markdown, "## Assign"), "System")["MC (python -m darktower.mc)"]
     assert _number(mc[1]) == pytest.approx(benches["assign"]["systems"]["mc"]["throughput"])
 
     # The mixed scenario: the rate achieved, latency, errors, the spread.
     mixed = benches["mixed"]
-    section = _section(markdown, "## Mixed scenario")
-    achieved = re.search(r"achieved \*\*([\d.,]+) joins/s\*\*", section)
+    mixed_section = section(markdown, "## Mixed scenario")
+    achieved = re.search(r"achieved \*\*([\d.,]+) joins/s\*\*", mixed_section)
     assert achieved is not None
     assert float(achieved.group(1)) == pytest.approx(mixed["achieved_rate"], abs=0.05)
     assert mixed["achieved_rate"] > 0
     assert mixed["errors_by_status"] == {}
-    assert "- failed joins: **0**" in section
+    assert "- failed joins: **0**" in mixed_section
     overall = mixed["systems"]["mixed"]
     assert overall["sent"] == 40  # 20/s for the 2 s window
     kinds = [mixed["systems"][f"mixed_{kind}"] for kind in ("first_join", "re_join")]
@@ -338,20 +276,14 @@ def test_bench_all_writes_the_report_end_to_end(
     assignments = mixed["assignments_during_load"]
     assert len(assignments["by_mc"]) == 3
     assert assignments["total"] == sum(assignments["by_mc"].values()) >= 8
-    mcs = _table(section, "MC")
+    mcs = _table(mixed_section, "MC")
     assert {name: int(cells[1]) for name, cells in mcs.items()} == assignments["by_mc"]
     assert set(assignments["by_gc"]) == {"gc-bench", "gc-bench-2"}
 
     # Nothing left: processes, databases, Redis keys.
-    assert _marked_processes(marker) == []
+    assert ran.marked_processes() == []
     databases = [benches[b]["machine"]["postgresql"]["database"] for b in ("heartbeats", "join")]
     databases.append(mixed["machine"]["postgresql"]["database"])
-    assert _existing_databases(pg_server_dsn, databases) == []
+    assert existing_databases(pg_server_dsn, databases) == []
     for bench in ("join", "mixed"):
         assert benches[bench]["cleanup"]["keys_left"] == 0, bench
-
-
-def _rows_of(section: str) -> list[list[str]]:
-    """Every data row of the section's first table."""
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines[2:]]

@@ -10,19 +10,12 @@ machine may be arbitrarily slow).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import secrets
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-import psutil
 import pytest
+from bench_harness import existing_databases, run_bench, server_options
 
 from darktower.cli.__main__ import build_parser
 from darktower.cli.bench.join import (
@@ -36,7 +29,6 @@ from darktower.cli.bench.join import (
 
 #: Generous: the run itself takes ~20 s; the bound only catches a hang.
 BENCH_TIMEOUT_S = 150
-_MARKER_VARIABLE = "DT_TEST_BENCH_JOIN_RUN"
 
 
 def _result(p99: float | None, calls: int = 100, errors: int = 0) -> dict[str, Any]:
@@ -87,60 +79,17 @@ def test_join_rates_are_parsed_sorted_and_checked() -> None:
         build_parser().parse_args(["bench", "join", "--step", "1"])
 
 
-def _marked_processes(marker: str) -> list[str]:
-    """Processes carrying ``marker`` in their environment: the bench and
-    every process it started inherit it (other runs' processes do not)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.environ().get(_MARKER_VARIABLE) == marker:
-                found.append(" ".join(proc.info["cmdline"] or []))
-        except psutil.Error:
-            continue
-    return found
-
-
-def _database_exists(server_dsn: str, name: str) -> bool:
-    async def exists() -> bool:
-        conn = await asyncpg.connect(server_dsn, timeout=10)
-        try:
-            return bool(
-                await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name)
-            )
-        finally:
-            await conn.close()
-
-    return asyncio.run(exists())
-
-
-def _bench_redis(url: str) -> str:
-    """Benches get logical database 15 of a TCP server (the MCs write their
-    keys without a prefix); other URLs are used as given."""
-    parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss"):
-        return urlunsplit(parts._replace(path="/15"))
-    return url
-
-
 @pytest.mark.slow
 @pytest.mark.dt_timeout(BENCH_TIMEOUT_S + 30)
 def test_join_bench_runs_end_to_end(
     pg_server_dsn: str, redis_server_url: str, tmp_path: Path
 ) -> None:
-    redis_url = _bench_redis(redis_server_url)
-    marker = secrets.token_hex(8)
     figures_path = tmp_path / "figures.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env[_MARKER_VARIABLE] = marker
-    argv = [sys.executable, "-m", "darktower.cli", "bench", "join"]
-    argv += ["--database-url", pg_server_dsn, "--redis-url", redis_url]
+    argv = ["join", *server_options(pg_server_dsn, redis_server_url)]
     argv += ["--json", str(figures_path), "--rates", "20", "--max-rate", "25"]
     argv += ["--duration", "1", "--warmup", "0.2", "--concurrency", "4", "--mcs", "1"]
     argv += ["--meetings", "10"]
-    completed = subprocess.run(
-        argv, env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, check=False
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    bench = run_bench(argv, timeout_s=BENCH_TIMEOUT_S)
 
     figures = json.loads(figures_path.read_text())
     systems = figures["systems"]
@@ -181,7 +130,8 @@ def test_join_bench_runs_end_to_end(
     assert cleanup["keys_deleted"] >= cleanup["meetings_in_redis"]
     assert cleanup["keys_left"] == 0
 
-    assert "highest rate with P99 <= 100 ms" in completed.stdout
-    assert "targets" in completed.stdout
-    assert _marked_processes(marker) == []
-    assert not _database_exists(pg_server_dsn, figures["machine"]["postgresql"]["database"])
+    assert "highest rate with P99 <= 100 ms" in bench.stdout
+    assert "targets" in bench.stdout
+    assert bench.marked_processes() == []
+    database = figures["machine"]["postgresql"]["database"]
+    assert existing_databases(pg_server_dsn, [database]) == []

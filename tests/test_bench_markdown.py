@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench_harness import HEADINGS, cells, section, table_rows
+
 from darktower.cli.bench.markdown import BenchOutcome, SuiteReport, render_markdown
 from darktower.cli.bench.report import REDIS, SystemRow, Target
 
@@ -177,29 +179,14 @@ def _report(*, assign_error: str | None = None) -> SuiteReport:
     )
 
 
-def _cells(line: str) -> list[str]:
-    return [cell.strip() for cell in line.strip().strip("|").split(" | ")]
-
-
 def _target_rows(markdown: str) -> dict[str, list[str]]:
     """The targets table: target text -> its row's cells."""
-    section = markdown.split("## Targets", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ")][2:]
-    return {_cells(row)[2]: _cells(row) for row in rows}
+    return {row[2]: row for row in table_rows(section(markdown, "## Targets"))}
 
 
 def test_every_section_is_there_in_order() -> None:
     markdown = render_markdown(_report())
-    headings = [line for line in markdown.splitlines() if line.startswith("#")]
-    assert headings == [
-        "# Benchmarks",
-        "## Machine",
-        "## Targets",
-        "## Heartbeats (issue 2): `dt bench heartbeats`",
-        "## Join (issue 3): `dt bench join`",
-        "## Assign (issue 4): `dt bench assign`",
-        "## Mixed scenario (issue 5): `dt bench mixed`",
-    ]
+    assert [line for line in markdown.splitlines() if line.startswith("#")] == HEADINGS
     assert "dt bench all --redis-url redis://127.0.0.1:6379/15" in markdown
     assert "2025-01-02 03:04 UTC in 7 min 40 s" in markdown
     assert markdown.endswith("\n")
@@ -293,18 +280,16 @@ def test_a_bench_that_could_not_run_says_why() -> None:
 
 def test_join_latencies_per_rate_and_the_highest_rate() -> None:
     markdown = render_markdown(_report())
-    section = markdown.split("## Join (issue 3)", 1)[1].split("\n## ", 1)[0]
-    assert "| 100/s | 10.00 / 21.00 / 31.00 | 4.00 / 9.00 / 13.00 | 1.00 / 3.00 / 4.00 |" in (
-        section
-    )
-    assert "- first joins: **200/s** (250/s failed: P99 180.00 ms)" in section
-    assert "- re-joins: **312/s** (the search stopped at its highest rate)" in section
-    assert "- re-join / floor throughput: **0.538**" in section
+    join = section(markdown, "## Join (issue 3)")
+    assert "| 100/s | 10.00 / 21.00 / 31.00 | 4.00 / 9.00 / 13.00 | 1.00 / 3.00 / 4.00 |" in join
+    assert "- first joins: **200/s** (250/s failed: P99 180.00 ms)" in join
+    assert "- re-joins: **312/s** (the search stopped at its highest rate)" in join
+    assert "- re-join / floor throughput: **0.538**" in join
 
 
 def test_heartbeat_and_assign_details() -> None:
     markdown = render_markdown(_report())
-    heartbeats = markdown.split("## Heartbeats", 1)[1].split("\n## ", 1)[0]
+    heartbeats = section(markdown, "## Heartbeats")
     assert "| marking 100 stale | 5.00 | 6.90 | 8.80 |" in heartbeats
     assert "- registration of 1,000 MCs through the GC: 1.50 s" in heartbeats
     # A label with a pipe does not break its table.
@@ -312,7 +297,7 @@ def test_heartbeat_and_assign_details() -> None:
     assert "| GC (python -m darktower.gc) | 636.0 | 98.00 | 126.00 | 153.00 | 0 | 1,550 |" in (
         heartbeats
     )
-    assign = markdown.split("## Assign", 1)[1].split("\n## ", 1)[0]
+    assign = section(markdown, "## Assign")
     assert "- MC / floor throughput: **0.596**" in assign
     assert "| System | accept/s |" in assign
     assert "Redis CPU %" in assign
@@ -320,7 +305,7 @@ def test_heartbeat_and_assign_details() -> None:
 
 def test_mixed_errors_by_status_and_spread_over_the_mcs() -> None:
     markdown = render_markdown(_report())
-    mixed = markdown.split("## Mixed scenario", 1)[1]
+    mixed = section(markdown, "## Mixed scenario")
     assert "- offered **100 joins/s**, achieved **99.6 joins/s**" in mixed
     assert "| HTTP_503_SERVICE_UNAVAILABLE | 3 |" in mixed
     assert "1200 in all; most / fewest per MC = **1.11**" in mixed
@@ -341,7 +326,7 @@ def test_every_table_is_well_formed() -> None:
         previous = line
     assert len(tables) >= 8
     for table in tables:
-        width = len(_cells(table[0]))
-        assert set(_cells(table[1])) <= {"---", "---:"}, table[1]
+        width = len(cells(table[0]))
+        assert set(cells(table[1])) <= {"---", "---:"}, table[1]
         for row in table:
-            assert len(_cells(row)) == width, row
+            assert len(cells(row)) == width, row

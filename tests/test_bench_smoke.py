@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 import psutil
 import pytest
+from bench_harness import run_bench
 
 from darktower.cli.__main__ import build_parser
 from darktower.cli.bench.floor import fast_heartbeat_sql
@@ -76,20 +74,10 @@ def test_heartbeats_bench_runs_end_to_end(pg_server_dsn: str, tmp_path: Path) ->
     before = _bench_children()
     databases_before = _bench_databases(pg_server_dsn)
     figures_path = tmp_path / "figures.json"
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    argv = [sys.executable, "-m", "darktower.cli", "bench", "heartbeats"]
-    argv += ["--database-url", pg_server_dsn, "--json", str(figures_path)]
+    argv = ["heartbeats", "--database-url", pg_server_dsn, "--json", str(figures_path)]
     argv += ["--mcs", "20", "--duration", "1", "--warmup", "0.2", "--concurrency", "4"]
     argv += ["--health-runs", "3"]
-    completed = subprocess.run(
-        argv,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=BENCH_TIMEOUT_S,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_bench(argv, timeout_s=BENCH_TIMEOUT_S).completed
 
     figures = json.loads(figures_path.read_text())
     systems = figures["systems"]

@@ -19,17 +19,13 @@ import contextlib
 import io
 import json
 import os
-import queue
 import re
 import secrets
-import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +33,7 @@ import coredis
 import psutil
 import pytest
 import trio
+from printed_output import PrintingRun, first_group, run_printed
 
 from darktower.cli import up_guard
 from darktower.shared.devstack import create_database, drop_database
@@ -45,70 +42,19 @@ pytestmark = pytest.mark.slow
 
 #: The issue's bar on this machine.
 READY_WITHIN_S = 15.0
-#: Bounds of the waits: far above what a healthy run takes.
-START_BOUND_S = 60.0
+#: Bound of the waits for a process to exit: far above what a healthy run
+#: takes (the wait for a line is printed_output's).
 STOP_BOUND_S = 30.0
 MC_IDS = {"mc-local-1", "mc-local-2"}
 MH_IDS = {"mh-local-1", "mh-local-2"}
 _MARKER_VARIABLE = "DT_TEST_UP_RUN"
 
 
-@dataclass
-class Up:
+class Up(PrintingRun):
     """A running ``dt up``: its output so far, line by line."""
-
-    proc: subprocess.Popen[str]
-    #: In the environment of ``dt up`` and so of everything it starts.
-    marker: str
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    output: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-    readers: list[threading.Thread] = field(default_factory=list)
-
-    def start_readers(self) -> None:
-        for stream, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.stderr)):
-            reader = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
-            reader.start()
-            self.readers.append(reader)
-
-    def read_until(self, pattern: str, timeout: float = START_BOUND_S) -> re.Match[str]:
-        """Lines until one matches ``pattern`` (bounded); that match."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                pytest.fail(f"dt up printed no {pattern!r} in {timeout} s:\n{self.text()}")
-            if line is None:
-                pytest.fail(f"dt up ended before {pattern!r}:\n{self.text()}")
-            self.output.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-
-    def rest(self) -> str:
-        """Everything printed until it exited (call after it exited)."""
-        while (line := self.lines.get(timeout=STOP_BOUND_S)) is not None:
-            self.output.append(line)
-        for reader in self.readers:
-            reader.join(timeout=STOP_BOUND_S)
-        return self.text()
-
-    def text(self) -> str:
-        return "".join(self.output) + "--- stderr ---\n" + "".join(self.stderr)
 
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
-
-    def marked(self) -> list[psutil.Process]:
-        """Processes running with our marker: anything ``dt up`` started,
-        even after :meth:`descendants` was called."""
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if proc.environ().get(_MARKER_VARIABLE) == self.marker:
-                    found.append(proc)
-        return found
 
     def marked_processes(self) -> list[str]:
         names = []
@@ -116,17 +62,6 @@ class Up:
             with contextlib.suppress(psutil.Error):
                 names.append(" ".join(proc.cmdline()))
         return names
-
-
-def _pump(stream: Any, sink: queue.Queue[str | None] | list[str]) -> None:
-    with stream:
-        for line in stream:
-            if isinstance(sink, list):
-                sink.append(line)
-            else:
-                sink.put(line)
-    if not isinstance(sink, list):
-        sink.put(None)
 
 
 @pytest.fixture
@@ -166,7 +101,7 @@ def start_up(servers: dict[str, str]) -> Iterator[Any]:
             stderr=subprocess.PIPE,
             text=True,
         )
-        up = Up(proc, marker)
+        up = Up(proc, _MARKER_VARIABLE, marker, name="dt up")
         up.start_readers()
         started.append(up)
         return up
@@ -184,15 +119,24 @@ def start_up(servers: dict[str, str]) -> Iterator[Any]:
             reader.join(timeout=STOP_BOUND_S)
 
 
-def _stop_and_check(up: Up, sig: signal.Signals, pids: list[psutil.Process]) -> tuple[int, str]:
-    """Signal ``dt up``, wait for it; assert nothing it started runs."""
-    up.proc.send_signal(sig)
+def _ended_leaving_nothing(
+    up: Up, pids: list[psutil.Process], *, within_s: float = 5
+) -> tuple[int, str]:
+    """Wait for ``dt up`` to exit, and its output to end (the guard, which
+    shares its stderr, included); assert nothing it started runs within
+    ``within_s``. Its status and output."""
     status = up.proc.wait(timeout=STOP_BOUND_S)
     text = up.rest()
-    _gone, alive = psutil.wait_procs(pids, timeout=5)
+    _gone, alive = psutil.wait_procs(pids, timeout=within_s)
     assert alive == [], f"left running: {alive}\n{text}"
     assert up.marked_processes() == [], text
     return status, text
+
+
+def _stop_and_check(up: Up, sig: signal.Signals, pids: list[psutil.Process]) -> tuple[int, str]:
+    """Signal ``dt up``, wait for it; assert nothing it started runs."""
+    up.proc.send_signal(sig)
+    return _ended_leaving_nothing(up, pids)
 
 
 def _assert_removed(text: str) -> None:
@@ -202,26 +146,6 @@ def _assert_removed(text: str) -> None:
     assert not Path(workdir.group(1)).exists()
     for directory in re.findall(r"host=(/\S+dt-pg-\w+)", text):
         assert not Path(directory).exists()
-
-
-def _run_printed(command: str, env: dict[str, str]) -> str:
-    """Run a command exactly as ``dt up`` printed it; its output (it must succeed)."""
-    completed = subprocess.run(
-        shlex.split(command, comments=True),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return completed.stdout
-
-
-def _field(pattern: str, text: str) -> str:
-    found = re.search(pattern, text, re.M)
-    assert found, (pattern, text)
-    return found.group(1)
 
 
 async def _forget_meetings(redis_url: str, meeting_ids: list[str]) -> None:
@@ -240,7 +164,7 @@ def test_dt_up_runs_the_system_joins_and_ctrl_c_removes_everything(
 ) -> None:
     up: Up = start_up()
     ready_s = float(up.read_until(r"^ready in (\d+\.\d) s$").group(1))
-    exported = up.read_until(r"^\s+export (DT_GC_URL=\S+ DT_TOKEN=\S+)$").group(1)
+    exported = up.read_until(r"^\s+(export DT_GC_URL=\S+ DT_TOKEN=\S+)$").group(1)
     create = up.read_until(r'^\s+(.+ join --create "demo meeting")$').group(1)
     rejoin = up.read_until(r"^\s+(.+ join CODE\b.*)$").group(1)
     up.read_until(r"Press Ctrl-C to stop")
@@ -261,15 +185,14 @@ def test_dt_up_runs_the_system_joins_and_ctrl_c_removes_everything(
     # The printed commands, exactly: the variables it exports, then dt join
     # (which exits 0 only on a 200).
     env = {k: v for k, v in os.environ.items() if k not in ("DT_GC_URL", "DT_TOKEN")}
-    env |= dict(part.split("=", 1) for part in shlex.split(exported))
-    created = _run_printed(create, env)
-    code = _field(r"^created meeting demo meeting with code (\S+)$", created)
-    mc_id = _field(r"^controller\s+(\S+)$", created)
+    created = run_printed([exported, create], env)
+    code = first_group(r"^created meeting demo meeting with code (\S+)$", created)
+    mc_id = first_group(r"^controller\s+(\S+)$", created)
     assert mc_id in MC_IDS
     assert set(re.findall(r"^\s+(?:primary|backup)\s+(\S+)", created, re.M)) == MH_IDS
-    meeting_id = _field(r"^\s+id\s+(\S+)$", created)
-    again = _run_printed(rejoin.replace("CODE", code, 1), env)
-    assert _field(r"^controller\s+(\S+)$", again) == mc_id
+    meeting_id = first_group(r"^\s+id\s+(\S+)$", created)
+    again = run_printed([exported, rejoin.replace("CODE", code, 1)], env)
+    assert first_group(r"^controller\s+(\S+)$", again) == mc_id
 
     status, text = _stop_and_check(up, signal.SIGINT, pids)
     assert status == 0, text
@@ -300,12 +223,8 @@ def test_a_component_that_dies_stops_everything_with_one_clear_line(start_up: An
     mc = next(p for p in pids if "-m darktower.mc" in " ".join(p.cmdline()))
     mc_id = mc.environ()["MC_ID"]
     mc.kill()
-    status = up.proc.wait(timeout=STOP_BOUND_S)
-    text = up.rest()
+    status, text = _ended_leaving_nothing(up, pids)
     assert status == 1, text
-    _gone, alive = psutil.wait_procs(pids, timeout=5)
-    assert alive == [], text
-    assert up.marked_processes() == [], text
     assert up.stderr[0] == f"error: {mc_id} was killed by SIGKILL; the end of its log:\n", text
     _assert_removed(text)
 
@@ -315,7 +234,7 @@ def test_sigkill_of_dt_up_leaves_nothing_running_nor_its_files(start_up: Any) ->
     up: Up = start_up()
     up.read_until(r"Press Ctrl-C to stop")
     text = up.text()
-    workdir = Path(_field(r"^\s+work dir\s+(\S+) ", text))
+    workdir = Path(first_group(r"^\s+work dir\s+(\S+) ", text))
     server_dirs = [Path(d) for d in re.findall(r"host=(/\S+dt-pg-\w+)", text)]
     pids = up.descendants()
     commands = [" ".join(p.cmdline()) for p in pids]
@@ -327,12 +246,9 @@ def test_sigkill_of_dt_up_leaves_nothing_running_nor_its_files(start_up: Any) ->
 
     killed = time.monotonic()
     up.proc.kill()
-    assert up.proc.wait(timeout=STOP_BOUND_S) == -signal.SIGKILL
-    text = up.rest()  # until the guard, which shares dt up's stderr, is done
-    _gone, alive = psutil.wait_procs(pids, timeout=STOP_BOUND_S)
+    status, text = _ended_leaving_nothing(up, pids, within_s=STOP_BOUND_S)
     cleaned_s = time.monotonic() - killed
-    assert alive == [], text
-    assert up.marked_processes() == [], text
+    assert status == -signal.SIGKILL, text
     assert cleaned_s < STOP_BOUND_S
     assert not workdir.exists(), text
     for directory in server_dirs:

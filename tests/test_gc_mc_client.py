@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 import trio
 import trio.testing
+from gc_fleet import add_mc, add_mh
 from grpclib.const import Status
 from mc_fakes import (
     ACCEPT,
@@ -44,13 +45,7 @@ from mc_fakes import (
 from darktower.gc.join_flow import JoinService
 from darktower.gc.mc_client import MAX_REPLY_BYTES, AssignOutcome, McClient
 from darktower.gc.metrics import MC_RPCS
-from darktower.gc.registry_requests import (
-    McHeartbeat,
-    McRegistration,
-    MhLoadReport,
-    MhRegistration,
-)
-from darktower.gc.repositories import media_handlers, meeting_controllers, meetings
+from darktower.gc.repositories import meetings
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.config import Secret
 from darktower.shared.seam import run_aio
@@ -467,48 +462,6 @@ class _FirstChoice(random.Random):
         return 0.0
 
 
-async def _healthy_mc(pool: asyncpg.Pool, controller_id: str, endpoint: str, load: int) -> None:
-    registration = McRegistration(
-        controller_id=controller_id,
-        region="local",
-        grpc_endpoint=endpoint,
-        webtransport_endpoint=f"https://{controller_id}.example:4433",
-        max_meetings=100,
-        max_participants=10_000,
-    )
-    heartbeat = McHeartbeat(
-        controller_id=controller_id,
-        current_meetings=load,
-        current_participants=0,
-        health="healthy",
-        cpu_usage_percent=None,
-        memory_usage_percent=None,
-    )
-    await run_aio(meeting_controllers.register, pool, registration)
-    await run_aio(meeting_controllers.heartbeat_batch, pool, [heartbeat])
-
-
-async def _healthy_mh(pool: asyncpg.Pool, handler_id: str) -> None:
-    registration = MhRegistration(
-        handler_id=handler_id,
-        region="local",
-        zone="zone-a",
-        webtransport_endpoint=f"https://{handler_id}.example:4434",
-        grpc_endpoint=f"http://{handler_id}.example:50060",
-        max_streams=100,
-    )
-    report = MhLoadReport(
-        handler_id=handler_id,
-        current_streams=0,
-        health="healthy",
-        cpu_usage_percent=0.0,
-        memory_usage_percent=0.0,
-        bandwidth_usage_percent=0.0,
-    )
-    await run_aio(media_handlers.register, pool, registration)
-    await run_aio(media_handlers.load_report, pool, report)
-
-
 async def test_a_join_excludes_an_mc_with_an_oversize_reply(
     db_pool: asyncpg.Pool, client: McClient
 ) -> None:
@@ -526,9 +479,9 @@ async def test_a_join_excludes_an_mc_with_an_oversize_reply(
     )
     with trio.fail_after(GUARD_S):
         async with fake_mc(Oversize(MAX_REPLY_BYTES + 1)) as bad, fake_mc(ACCEPT) as good:
-            await _healthy_mc(db_pool, "mc-bad", bad.endpoint, load=0)  # asked first
-            await _healthy_mc(db_pool, "mc-good", good.endpoint, load=10)
-            await _healthy_mh(db_pool, "mh-a")
+            await add_mc(db_pool, "mc-bad", bad.endpoint, meetings_now=0)  # asked first
+            await add_mc(db_pool, "mc-good", good.endpoint, meetings_now=10)
+            await add_mh(db_pool, "mh-a")
             meeting = await run_aio(
                 meetings.create,
                 db_pool,

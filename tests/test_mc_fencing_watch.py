@@ -4,6 +4,7 @@ the store's pipelines; Redis trouble drops nothing."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -72,6 +73,15 @@ def fenced_out_total() -> float:
     return REGISTRY.get_sample_value("mc_fenced_out_total") or 0.0
 
 
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, object]]:
+    """The fields of every ``event`` line the watch logged."""
+    return [
+        dict(getattr(record, "fields", {}))
+        for record in caplog.records
+        if record.name == "darktower.mc.fencing_watch" and record.getMessage() == event
+    ]
+
+
 async def test_a_meeting_taken_over_elsewhere_is_dropped_on_the_next_write(
     redis_server_url: str, redis_key_prefix: str
 ) -> None:
@@ -94,12 +104,16 @@ async def test_a_meeting_taken_over_elsewhere_is_dropped_on_the_next_write(
         assert await core.watch.check_all() == []  # not retried
 
 
-async def test_redis_down_drops_nothing(redis_server_url: str, redis_key_prefix: str) -> None:
+async def test_redis_down_drops_nothing_and_logs_once_a_round(
+    redis_server_url: str, redis_key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def hang_up(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
+    caplog.set_level(logging.WARNING, logger="darktower.mc.fencing_watch")
+    meetings = [f"m-{i:02}" for i in range(30)]
     async with mc_core(redis_server_url, redis_key_prefix) as core, trio.open_nursery() as nursery:
-        for meeting_id in ("m-1", "m-2"):
+        for meeting_id in meetings:
             assert (await core.assigner.assign(Assignment(meeting_id, 1, "gc-1", ()))).accepted
         before = fenced_out_total()
         # The same keys through a Redis that hangs up on every connection.
@@ -108,12 +122,17 @@ async def test_redis_down_drops_nothing(redis_server_url: str, redis_key_prefix:
         client: coredis.Redis[Any] = coredis.Redis(host="127.0.0.1", port=port)
         store = MeetingStateStore(client, key_prefix=redis_key_prefix)
         async with client, store.running():
-            watch = FencingWatch(mc_id=MC_ID, store=store, controller=core.controller)
-            assert await watch.check_all() == []
+            watch = FencingWatch(mc_id=MC_ID, store=store, controller=core.controller, chunk_size=8)
+            for _ in range(2):
+                assert await watch.check_all() == []
             with pytest.raises(RedisUnavailable):  # what the watch met
                 await store.write("m-1", 1, MC_ID, {"k": "v"})
-        assert core.controller.meeting_ids() == ["m-1", "m-2"]
+        assert sorted(core.controller.meeting_ids()) == meetings
         assert fenced_out_total() == before
+        # One line a round, not one a meeting: the first chunk failed, the
+        # other 22 meetings wait for the next round.
+        summary = {"meetings": 8, "unchecked": 22, "hosted": 30, "error": "RedisUnavailable"}
+        assert logged(caplog, "fenced_write_failed") == [summary, summary]
         nursery.cancel_scope.cancel()
 
 
@@ -179,8 +198,9 @@ class FailingStore(MeetingStateStore):
 
 
 async def test_a_redis_error_reply_neither_drops_nor_crashes(
-    redis_server_url: str, redis_key_prefix: str
+    redis_server_url: str, redis_key_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="darktower.mc.fencing_watch")
     async with mc_core(redis_server_url, redis_key_prefix) as core:
         for meeting_id in ("m-1", "m-moved", "m-3", "m-4"):
             assert (await core.assigner.assign(Assignment(meeting_id, 1, "gc-1", ()))).accepted
@@ -195,10 +215,16 @@ async def test_a_redis_error_reply_neither_drops_nor_crashes(
             assert store.written == ["m-1", "m-moved"]
             await trio.testing.wait_all_tasks_blocked()
             assert core.controller.meeting_ids() == ["m-1", "m-3", "m-4"]
+            # The refusal keeps its own line; the failure is the round's.
+            assert [f["meeting_id"] for f in logged(caplog, "fenced_out")] == ["m-moved"]
+            assert logged(caplog, "fenced_write_failed") == [
+                {"meetings": 1, "unchecked": 2, "hosted": 4, "error": "MeetingStateError"}
+            ]
 
             store.failing = set()
             assert await watch.check_all() == []
             assert store.written == ["m-1", "m-moved", "m-1", "m-3", "m-4"]
+            assert len(logged(caplog, "fenced_write_failed")) == 1  # a clean round is quiet
         for meeting_id in ("m-1", "m-3", "m-4"):
             assert b"seen_at" in (await core.store.read(meeting_id)).state
 
@@ -282,8 +308,10 @@ class LostKeysStore(MeetingStateStore):
 
 
 async def test_a_reclaim_that_never_answers_drops_nothing(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="darktower.mc.fencing_watch")
+
     async def on_meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
         pass
 
@@ -305,4 +333,7 @@ async def test_a_reclaim_that_never_answers_drops_nothing(
         assert trio.current_time() - started == pytest.approx(_CHUNK_TIMEOUT_S)
         assert controller.meeting_ids() == ["m-1"]
         assert fenced_out_total() == before
+        assert logged(caplog, "fenced_write_failed") == [
+            {"meetings": 1, "unchecked": 0, "hosted": 1, "error": "TooSlowError"}
+        ]
         nursery.cancel_scope.cancel()

@@ -17,9 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import trio
@@ -28,17 +30,17 @@ from gc_harness import DevKeys, gc_environ
 from process_harness import GcProcess, child_environ, fetch, free_port, gc_process
 
 from darktower.cli.__main__ import main as dt_main
+from darktower.cli.mh_load import LoadPattern
 from darktower.cli.mh_sim import (
     DEFAULT_REPORT_INTERVAL_S,
     REPORT_TIMEOUT_S,
     GcUnavailable,
-    LoadPattern,
     MhFleet,
-    MintedTokens,
     NotRegistered,
     fleet_specs,
     load_report,
 )
+from darktower.cli.mh_tokens import MintedTokens
 from darktower.mc.backoff import Backoff
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.config import Secret, token_subject
@@ -113,12 +115,39 @@ def fleet(registry: FakeRegistry, count: int = 2, pattern: str = "constant:0.25"
     )
 
 
-async def run_for(sim: MhFleet, seconds: float) -> None:
-    """Run the fleet for ``seconds`` of virtual time, then cancel it."""
+@asynccontextmanager
+async def running(sim: MhFleet) -> AsyncIterator[None]:
+    """The fleet runs (started) for the block; cancelled after it."""
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.run)
-        await trio.sleep(seconds)
+        yield
         nursery.cancel_scope.cancel()
+
+
+async def run_for(sim: MhFleet, seconds: float) -> None:
+    """Run the fleet for ``seconds`` of virtual time, then cancel it."""
+    async with running(sim):
+        await trio.sleep(seconds)
+
+
+async def run_with_outage(
+    sim: MhFleet,
+    registry: FakeRegistry,
+    how: Literal["down", "hang"],
+    *,
+    at: float,
+    lasting: float,
+    then: float,
+) -> None:
+    """Run the fleet; ``at`` s in, the GC fails every call at once
+    (``down``) or never answers (``hang``) for ``lasting`` s; cancel the
+    fleet ``then`` s after it is back."""
+    async with running(sim):
+        await trio.sleep(at)
+        setattr(registry, how, True)
+        await trio.sleep(lasting)
+        setattr(registry, how, False)
+        await trio.sleep(then)
 
 
 # --------------------------------------------------------------------------
@@ -131,12 +160,10 @@ async def test_registers_then_reports_at_the_interval_the_gc_returned(
     registry = FakeRegistry(interval_ms=2000)
     sim = fleet(registry)
     ready_at: list[float] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim.run)
+    async with running(sim):
         await sim.wait_ready()
         ready_at.append(trio.current_time())
         await trio.sleep(10.5)
-        nursery.cancel_scope.cancel()
     assert ready_at == [0.0]
     for mh_id in ("mh-sim-1", "mh-sim-2"):
         assert registry.times("register", mh_id) == [0.0]
@@ -171,12 +198,10 @@ async def test_not_found_registers_again_at_once_and_reports(
 ) -> None:
     registry = FakeRegistry(interval_ms=2000)
     sim = fleet(registry, count=1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim.run)
+    async with running(sim):
         await trio.sleep(3)
         registry.known.clear()  # the GC's row was deleted
         await trio.sleep(5.5)
-        nursery.cancel_scope.cancel()
     assert registry.times("register", "mh-sim-1") == [0.0, 4.0]
     # t=4: NOT_FOUND, registered again, reported at once; then the schedule.
     assert registry.times("report", "mh-sim-1") == [0.0, 2.0, 4.0, 4.0, 6.0, 8.0]
@@ -188,14 +213,12 @@ async def test_registration_is_retried_with_bounded_backoff_until_the_gc_is_back
 ) -> None:
     registry = FakeRegistry(interval_ms=2000, down=True)
     sim = fleet(registry, count=1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim.run)
+    async with running(sim):
         await trio.sleep(100)
         assert not sim.mhs[0].reported
         registry.down = False
         await sim.wait_ready()
         assert trio.current_time() == 121.0
-        nursery.cancel_scope.cancel()
     # 1, 2, 4, 8, 16 s apart, then never more than 30 s.
     assert registry.times("register", "mh-sim-1") == [0, 1, 3, 7, 15, 31, 61, 91, 121]
     assert registry.times("report", "mh-sim-1") == [121.0]
@@ -206,14 +229,7 @@ async def test_failed_reports_are_retried_and_never_end_the_simulator(
 ) -> None:
     registry = FakeRegistry(interval_ms=4000)
     sim = fleet(registry, count=1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim.run)
-        await trio.sleep(5)
-        registry.down = True  # the GC goes away for a while
-        await trio.sleep(12)
-        registry.down = False
-        await trio.sleep(8.5)
-        nursery.cancel_scope.cancel()
+    await run_with_outage(sim, registry, "down", at=5, lasting=12, then=8.5)
     # t=8 fails; retries 1, 2, then every 4 s (never later than the interval);
     # back at t=19: the regular schedule again. Registered only once: the
     # GC still knew the MH.
@@ -227,14 +243,7 @@ async def test_a_gc_that_never_answers_costs_a_bounded_wait(
 ) -> None:
     registry = FakeRegistry(interval_ms=10_000)
     sim = fleet(registry, count=1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim.run)
-        await trio.sleep(5)
-        registry.hang = True
-        await trio.sleep(19)
-        registry.hang = False
-        await trio.sleep(10.5)
-        nursery.cancel_scope.cancel()
+    await run_with_outage(sim, registry, "hang", at=5, lasting=19, then=10.5)
     # t=10 hangs until its bound (deadline + 1 s slack) and is retried 1 s
     # later, hangs again, is retried 2 s later: answered.
     bound = REPORT_TIMEOUT_S + 1
@@ -247,12 +256,10 @@ async def test_a_refused_registration_is_retried(
 ) -> None:
     registry = FakeRegistry(accept=False)
     sim = fleet(registry, count=1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim.run)
+    async with running(sim):
         await trio.sleep(2)
         registry.accept = True
         await sim.wait_ready()
-        nursery.cancel_scope.cancel()
     assert registry.times("register", "mh-sim-1") == [0, 1, 3]
     assert sim.totals()["registration_failures"] == 2
 
@@ -261,14 +268,12 @@ async def test_ready_waits_for_every_mh(autojump_clock: trio.testing.MockClock) 
     registry = FakeRegistry()
     sim = fleet(registry, count=2)
     registry.accept = False
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim.run)
+    async with running(sim):
         with trio.move_on_after(10):
             await sim.wait_ready()
             pytest.fail("ready without any MH registered")
         registry.accept = True
         await sim.wait_ready()
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_reported_load_follows_the_pattern(

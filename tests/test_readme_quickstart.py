@@ -24,22 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import re
 import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import psutil
 import pytest
+from printed_output import PrintingRun, first_group, run_printed, still_running
+
+from darktower.cli.up_guard import is_running
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SYSTEM = "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/dt up"
@@ -147,24 +147,11 @@ def newcomer_environment(marker: str) -> dict[str, str]:
     return env
 
 
-def _pump(stream: IO[str], sink: Callable[[str | None], None]) -> None:
-    with stream:
-        for line in stream:
-            sink(line)
-    sink(None)
-
-
 @dataclass
-class Shell:
+class Shell(PrintingRun):
     """A command run by ``bash -c`` as a terminal's foreground job: its own
     process group, which gets the Ctrl-C."""
 
-    proc: subprocess.Popen[str]
-    marker: str
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    output: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-    readers: list[threading.Thread] = field(default_factory=list)
     #: Every process of the run seen so far, for the checks and the teardown.
     seen: dict[int, psutil.Process] = field(default_factory=dict)
 
@@ -180,46 +167,9 @@ class Shell:
             text=True,
             start_new_session=True,
         )
-        shell = cls(proc, env[_MARKER_VARIABLE])
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        for stream, sink in ((proc.stdout, shell.lines.put), (proc.stderr, shell._err)):
-            reader = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
-            reader.start()
-            shell.readers.append(reader)
+        shell = cls(proc, _MARKER_VARIABLE, env[_MARKER_VARIABLE])
+        shell.start_readers()
         return shell
-
-    def _err(self, line: str | None) -> None:
-        if line is not None:
-            self.stderr.append(line)
-
-    def read_until(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Lines until one matches ``pattern`` (bounded); that match."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                pytest.fail(f"no {pattern!r} within {timeout} s:\n{self.text()}")
-            if line is None:
-                pytest.fail(f"the command ended before {pattern!r}:\n{self.text()}")
-            self.output.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-
-    def rest(self) -> str:
-        """All the output (call once the command has exited)."""
-        for reader in self.readers:
-            reader.join(timeout=STOP_BOUND_S)
-        while not self.lines.empty():
-            line = self.lines.get_nowait()
-            if line is not None:
-                self.output.append(line)
-        return self.text()
-
-    def text(self) -> str:
-        return "".join(self.output) + "--- stderr ---\n" + "".join(self.stderr)
 
     def collect(self) -> list[psutil.Process]:
         """The shell and everything under it now, added to :attr:`seen`."""
@@ -228,40 +178,6 @@ class Shell:
             for proc in [root, *root.children(recursive=True)]:
                 self.seen.setdefault(proc.pid, proc)
         return list(self.seen.values())
-
-    def marked(self) -> list[psutil.Process]:
-        """Running processes that inherited our marker (PostgreSQL rewrites
-        its environment block for its process titles: it is found through
-        :meth:`collect` instead)."""
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if proc.environ().get(_MARKER_VARIABLE) == self.marker and _running(proc):
-                    found.append(proc)
-        return found
-
-
-def _running(proc: psutil.Process) -> bool:
-    """Running, not a zombie waiting to be reaped (pid reuse is checked)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _left_running(procs: list[psutil.Process], timeout: float) -> list[str]:
-    """Those still running after a bounded poll, described."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [proc for proc in procs if _running(proc)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    described = []
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            described.append(f"{proc.pid}: {' '.join(proc.cmdline())}")
-    return described
 
 
 @pytest.fixture
@@ -284,7 +200,7 @@ def run_shell() -> Iterator[Callable[[str, Path, dict[str, str]], Shell]]:
             shell.proc.wait(timeout=STOP_BOUND_S)
         # dt up's guard stops what a killed dt up started; whatever is left
         # after its grace is killed here.
-        leftovers = [proc for proc in [*shell.seen.values(), *shell.marked()] if _running(proc)]
+        leftovers = [proc for proc in [*shell.seen.values(), *shell.marked()] if is_running(proc)]
         _gone, alive = psutil.wait_procs(leftovers, timeout=15)
         for proc in alive:
             with contextlib.suppress(psutil.Error):
@@ -305,28 +221,6 @@ def _wait_for_dt_up(shell: Shell, timeout: float) -> float:
                     return time.monotonic()
         time.sleep(0.05)
     pytest.fail(f"no .venv/bin/dt up within {timeout} s:\n{shell.rest()}")
-
-
-def _run_printed(lines: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """Run lines exactly as ``dt up`` printed them, in one shell; its output
-    (it must succeed)."""
-    completed = subprocess.run(
-        ["bash", "-c", "set -e\n" + "\n".join(lines)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert completed.returncode == 0, (lines, completed.stdout, completed.stderr)
-    return completed.stdout
-
-
-def _field(pattern: str, text: str) -> str:
-    found = re.search(pattern, text, re.M)
-    assert found, (pattern, text)
-    return found.group(1)
 
 
 @pytest.mark.slow
@@ -367,22 +261,22 @@ def test_the_quick_start_runs_the_system_from_a_fresh_clone(
 
     # Everything it started, and the embedded servers' directories
     # (PostgreSQL's socket is in its own; Redis runs in its own).
-    names = {proc.pid: proc.name() for proc in shell.collect() if _running(proc)}
+    names = {proc.pid: proc.name() for proc in shell.collect() if is_running(proc)}
     assert {"postgres", "redis-server"} <= set(names.values()), names
     redis = psutil.Process(next(pid for pid, name in names.items() if name == "redis-server"))
     server_dirs = [pg_dir, Path(redis.cwd())]
     assert all(d.is_dir() and d.name.startswith(("dt-pg-", "dt-redis-")) for d in server_dirs)
 
     # Join through it with the commands it printed.
-    created = _run_printed([exported.group(1), create.group(1)], fresh_clone, env)
-    code = _field(r"^created meeting demo meeting with code (\S+)$", created)
-    mc_id = _field(r"^controller\s+(\S+)$", created)
+    created = run_printed([exported.group(1), create.group(1)], env, fresh_clone)
+    code = first_group(r"^created meeting demo meeting with code (\S+)$", created)
+    mc_id = first_group(r"^controller\s+(\S+)$", created)
     assert mc_id in MC_IDS, created
     assert set(re.findall(r"^\s+(?:primary|backup)\s+(\S+)", created, re.M)) == MH_IDS
-    again = _run_printed(
-        [exported.group(1), rejoin.group(1).replace("CODE", code, 1)], fresh_clone, env
+    again = run_printed(
+        [exported.group(1), rejoin.group(1).replace("CODE", code, 1)], env, fresh_clone
     )
-    assert _field(r"^controller\s+(\S+)$", again) == mc_id
+    assert first_group(r"^controller\s+(\S+)$", again) == mc_id
 
     # Ctrl-C.
     procs = shell.collect()
@@ -395,7 +289,7 @@ def test_the_quick_start_runs_the_system_from_a_fresh_clone(
     assert status == 0, text
     assert "SIGINT: stopping" in text
     assert f"stopped; removed {workdir}" in text
-    assert _left_running(procs, timeout=5) == [], text
+    assert still_running(procs, timeout=5) == [], text
     assert shell.marked() == [], text
     for directory in (workdir, *server_dirs):
         assert not directory.exists(), (directory, text)

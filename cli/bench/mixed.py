@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from darktower.cli.bench import database
+from darktower.cli.bench.join import _LIBRARIES as _JOIN_LIBRARIES
 from darktower.cli.bench.join import (
     JoinOptions,
     JoinRun,
+    Measurement,
     Server,
     Stack,
     create_meetings,
@@ -62,18 +64,8 @@ from darktower.cli.bench.procs import (
     postgres_cpu,
     progress,
 )
-from darktower.cli.bench.report import (
-    Presentation,
-    SystemRow,
-    Target,
-    run_and_report,
-)
-from darktower.shared.devstack import EmbeddedServerError
+from darktower.cli.bench.report import Presentation, SystemRow, run_and_report
 
-_LIBRARIES = (
-    "hypercorn", "starlette", "h11", "trio", "trio-asyncio", "asyncpg", "grpclib", "coredis",
-    "pyjwt", "cryptography", "hdrhistogram",
-)  # fmt: skip
 KIND_LABELS = {FIRST_JOIN: "first joins", RE_JOIN: "re-joins"}
 #: The CPU groups of the measured window, in the order the report shows them.
 CPU_GROUPS = {
@@ -198,20 +190,11 @@ def _load(
     return result, cpu
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """The outcome of one run: the table's rows and the JSON figures."""
-
-    rows: list[SystemRow]
-    targets: list[Target]
-    figures: dict[str, Any]
-
-
 def measure(options: MixedOptions) -> Measurement:
     """Run the scenario (every process, file, Redis key and database it made
     is gone when this returns or raises)."""
     machine = machine_facts()
-    machine["libraries"] = library_versions(_LIBRARIES)
+    machine["libraries"] = library_versions(_JOIN_LIBRARIES)  # the same stack
     cleanup: dict[str, Any] = {}
     first_count = mixed_first_joins(
         options.rate, options.warmup_s, options.duration_s, options.first_share
@@ -339,9 +322,4 @@ PRESENTATION = Presentation("mixed", extra_lines, unit="join")
 
 def run_mixed(options: MixedOptions) -> int:
     """The ``dt bench mixed`` handler (see :func:`report.run_and_report`)."""
-    return run_and_report(
-        lambda: measure(options),
-        PRESENTATION,
-        json_path=options.json_path,
-        expected_errors=(BenchError, EmbeddedServerError),
-    )
+    return run_and_report(lambda: measure(options), PRESENTATION, json_path=options.json_path)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from darktower.cli.bench.procs import sigterm_as_interrupt
+from darktower.cli.bench.procs import BenchError, sigterm_as_interrupt
+from darktower.shared.devstack import EmbeddedServerError
 
 #: Above this, the report warns that the machine was not idle.
 _BUSY_WARNING_PCT = 10.0
@@ -246,12 +247,13 @@ def run_and_report(
     presentation: Presentation,
     *,
     json_path: Path | None,
-    expected_errors: tuple[type[Exception], ...] = (),
+    expected_errors: tuple[type[Exception], ...] = (BenchError, EmbeddedServerError),
 ) -> int:
     """A ``dt bench`` handler's whole life: measure (SIGTERM unwinds like
     Ctrl-C so cleanup runs), print the report, write the JSON. 0 whenever
     the measurement ran (missed targets included: it is a measurement), 1
-    when it could not run, 130 on interrupt."""
+    when it could not run (``expected_errors``: by default a bench's own
+    failure or an embedded server's), 130 on interrupt."""
     try:
         with sigterm_as_interrupt():
             result = measure()
