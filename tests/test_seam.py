@@ -147,6 +147,7 @@ async def test_a_stop_mid_round_loses_no_callback() -> None:
     ran: list[int] = []
     async with asyncio_loop():
         loop = await run_aio(_running_loop)
+        assert isinstance(loop, seam._BatchingTrioEventLoop)
         for i in range(3):
             loop.call_soon(ran.append, i)
         loop.stop()
