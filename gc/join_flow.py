@@ -26,6 +26,7 @@ import asyncio
 import random
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ from darktower.gc.repositories.media_handlers import MhCandidate
 from darktower.gc.repositories.meetings import MeetingRow
 from darktower.gc.selection import choose_controller, choose_media_handlers
 from darktower.protos import internal_pb2 as pb
+from darktower.shared.db import FAIL_FAST_TIMEOUT_S
 from darktower.shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -53,6 +55,9 @@ log = get_logger(__name__)
 #: result; the interval doubles (with jitter) up to the maximum.
 LEASE_POLL_INTERVAL_S = 0.02
 _MAX_POLL_INTERVAL_S = 0.32
+#: Meetings remembered as assigned (:meth:`JoinService.join`), a few MB at
+#: most; one forgotten costs its next join 0.2 ms of PostgreSQL's time.
+_SEEN_ASSIGNED_MAX = 20_000
 
 
 class _LeaseLost(Exception):
@@ -83,14 +88,21 @@ class JoinService:
         rng: random.Random | None = None,
         poll_interval_s: float = LEASE_POLL_INTERVAL_S,
         staleness: Callable[[], float] | None = None,
+        statement_timeout_s: float = FAIL_FAST_TIMEOUT_S,
     ) -> None:
         """``staleness``, when given, is asked for the heartbeat age past
         which an MC counts as gone each time one is judged, instead of the
         fixed ``stale_after_s``: the GC widens it while it recovers from its
         own blindness (:meth:`~darktower.gc.health_checker.HealthChecker.liveness_threshold_s`),
         so that a database outage does not move meetings off MCs that were
-        merely unheard."""
+        merely unheard.
+
+        ``statement_timeout_s`` bounds each statement of a join (the pool
+        bounds waiting for a connection): a database that hangs costs a join
+        that much, then :class:`~darktower.shared.db.DatabaseUnavailable`
+        (503), not the pool's longer statement timeout."""
         self._pool = pool
+        self._statement_timeout_s = statement_timeout_s
         self._mc_client = mc_client
         self._gc_id = gc_id
         self._region = region
@@ -99,45 +111,95 @@ class JoinService:
         self._rng = rng if rng is not None else secrets.SystemRandom()
         self._poll_interval_s = poll_interval_s
         self._in_flight: dict[uuid.UUID, asyncio.Future[JoinResult]] = {}
+        #: Meetings (code, org) this GC last saw with a live assignment.
+        self._seen_assigned: OrderedDict[tuple[str, uuid.UUID | None], None] = OrderedDict()
 
     async def join(self, code: str, org_id: uuid.UUID | None) -> JoinResult:
         """The meeting ``code`` of ``org_id`` (``None``: a guest, who may
-        join any org's meeting that admits guests) and its assignment here."""
+        join any org's meeting that admits guests) and its assignment here.
+
+        A meeting not known here to have a live assignment is looked up with
+        a lease request (:func:`meetings.find_for_join`): when it has no live
+        assignment, the lookup also begins the first attempt of one - lease,
+        generation, candidates - so a first join spends no round trip of its
+        own on that. A meeting this GC last saw assigned (a re-join, most
+        joins) is looked up without: the lease request makes the statement
+        dearer for PostgreSQL (about 0.2 ms, measured) and a re-join does not
+        need it. The guess only picks the statement: either is correct for
+        any meeting, a wrong guess costs one round trip or 0.2 ms."""
+        key = (code, org_id)
+        # This join's lease holder, should it try for the lease.
+        holder = uuid.uuid4() if key not in self._seen_assigned else None
+        lease = None
+        if holder is not None:
+            lease = meetings.LeaseRequest(holder, self._gc_id, self._lease_ttl_s)
         lookup = await meetings.find_for_join(
             self._pool,
             code=code,
             org_id=org_id,
             region=self._region,
             stale_after_s=self._staleness(),
+            lease=lease,
+            timeout_s=self._statement_timeout_s,
         )
         if lookup is None:
+            self._seen_assigned.pop(key, None)
             raise MeetingNotFound("meeting not found")
         meeting = lookup.meeting
+        # Unreachable with a lease taken: the lookup finds no members-only
+        # meeting for a guest.
         if org_id is None and not meeting.allow_guests:
             raise GuestsNotAllowed("this meeting does not admit guests")
-        if lookup.assignment is not None and lookup.assignment.mc_live:
-            return JoinResult(meeting, lookup.assignment, assigned=False)
-        return await self._assign(meeting)
+        if lookup.assignment is None or not lookup.assignment.mc_live:
+            self._seen_assigned.pop(key, None)
+            if holder is None:
+                holder = uuid.uuid4()
+            result = await self._assign(meeting, holder, lookup.attempt)
+        else:
+            result = JoinResult(meeting, lookup.assignment, assigned=False)
+        self._remember_assigned(key)
+        return result
 
-    async def _assign(self, meeting: MeetingRow) -> JoinResult:
+    def _remember_assigned(self, key: tuple[str, uuid.UUID | None]) -> None:
+        """Note that the meeting ``key`` names had a live assignment just
+        now (bounded: the least recently joined are forgotten first)."""
+        seen = self._seen_assigned
+        seen[key] = None
+        seen.move_to_end(key)
+        if len(seen) > _SEEN_ASSIGNED_MAX:
+            seen.popitem(last=False)
+
+    async def _assign(
+        self, meeting: MeetingRow, holder: uuid.UUID, start: assignments.AttemptStart | None
+    ) -> JoinResult:
         """Single flight per meeting in this process: concurrent joins of a
         meeting being assigned here await that one attempt (its result or its
-        failure) instead of each polling the database and asking MCs."""
+        failure) instead of each polling the database and asking MCs.
+
+        ``start`` is the attempt the lookup began. A join whose lookup took
+        the lease assigns at once, whoever else waits (they learn its result
+        from the database); one that did not waits for the join in flight
+        here, if any, else polls for the holder's result."""
         key = meeting.meeting_id
-        while (pending := self._in_flight.get(key)) is not None:
-            try:
-                found = await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                if pending.cancelled():  # its request went away: try ourselves
-                    continue
-                raise
-            return JoinResult(meeting, found.assignment, assigned=False)
+        if start is None or not start.taken:
+            while (pending := self._in_flight.get(key)) is not None:
+                try:
+                    found = await asyncio.shield(pending)
+                except asyncio.CancelledError:
+                    if pending.cancelled():  # its request went away: try ourselves
+                        start = None
+                        continue
+                    raise
+                return JoinResult(meeting, found.assignment, assigned=False)
+        elif key in self._in_flight:
+            # Another join here is polling for a lease that is ours now.
+            return await self._assign_across_gcs(meeting, holder, start)
         attempt = asyncio.get_running_loop().create_future()
         # A failure nobody else awaited must not be reported as "never retrieved".
         attempt.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._in_flight[key] = attempt
         try:
-            result = await self._assign_across_gcs(meeting)
+            result = await self._assign_across_gcs(meeting, holder, start)
         except Exception as exc:
             attempt.set_exception(exc)
             raise
@@ -149,13 +211,16 @@ class JoinService:
         attempt.set_result(result)
         return result
 
-    async def _assign_across_gcs(self, meeting: MeetingRow) -> JoinResult:
+    async def _assign_across_gcs(
+        self, meeting: MeetingRow, holder: uuid.UUID, start: assignments.AttemptStart | None
+    ) -> JoinResult:
         """Take the meeting's lease and assign it, or wait for the GC holding
-        the lease to record its assignment (polling with backoff and jitter)."""
-        holder = uuid.uuid4()
+        the lease to record its assignment (polling with backoff and jitter).
+        ``start``, when given, is the first attempt, already begun."""
         poll_s = self._poll_interval_s
         while True:
-            start = await self._begin_attempt(meeting, holder, excluded=())
+            if start is None:
+                start = await self._begin_attempt(meeting, holder, excluded=())
             if start.taken:
                 won = False
                 try:
@@ -167,6 +232,7 @@ class JoinService:
                 finally:
                     if not won:  # a win consumed the lease already
                         await self._release_lease(meeting, holder)
+            start = None
             await asyncio.sleep(poll_s * (0.5 + self._rng.random()))
             poll_s = min(poll_s * 2, _MAX_POLL_INTERVAL_S)
             existing = await self._live_assignment(meeting)
@@ -187,6 +253,7 @@ class JoinService:
             ttl_s=self._lease_ttl_s,
             stale_after_s=self._staleness(),
             exclude=excluded,
+            timeout_s=self._statement_timeout_s,
         )
 
     async def _live_assignment(self, meeting: MeetingRow) -> ActiveAssignment | None:
@@ -195,6 +262,7 @@ class JoinService:
             meeting_id=meeting.meeting_id,
             region=self._region,
             stale_after_s=self._staleness(),
+            timeout_s=self._statement_timeout_s,
         )
         return existing if existing is not None and existing.mc_live else None
 
@@ -212,11 +280,12 @@ class JoinService:
         """Bounded and best effort: lets the waiting joins try at once instead
         of at the lease's expiry."""
         try:
-            await asyncio.wait_for(
-                assignments.release_lease(
-                    self._pool, meeting_id=meeting.meeting_id, region=self._region, holder=holder
-                ),
-                timeout=2.0,
+            await assignments.release_lease(
+                self._pool,
+                meeting_id=meeting.meeting_id,
+                region=self._region,
+                holder=holder,
+                timeout_s=self._statement_timeout_s,
             )
         except Exception as exc:  # the lease expires by itself
             log.warning("lease_release_failed", meeting_id=str(meeting.meeting_id), error=str(exc))
@@ -283,6 +352,7 @@ class JoinService:
                 backup_mh_id=backup.handler_id if backup is not None else None,
                 holder=holder,
                 stale_after_s=self._staleness(),
+                timeout_s=self._statement_timeout_s,
             )
             if recorded.won and recorded.assignment is not None:
                 log.info(

@@ -254,24 +254,26 @@ class McClient:
     ) -> tuple[AssignOutcome, bool]:
         """The outcome of one call, and whether the channel must be dropped."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        deadline = loop.time() + self._rpc_timeout_s
         # A connect timeout not shorter than the RPC's is just the RPC deadline.
         connect_s = min(self._connect_timeout_s, self._rpc_timeout_s)
         connecting = self._connect_timeout_s < self._rpc_timeout_s  # a timeout now: connect
         try:
-            async with asyncio.timeout(connect_s):
+            # One timer for both phases: the connect bound, then moved to
+            # the RPC deadline (a no-op connect on a connected channel).
+            async with asyncio.timeout_at(loop.time() + connect_s) as bound:
                 await entry.channel.__connect__()
-            connecting = False
-            remaining = self._rpc_timeout_s - (loop.time() - started)
-            if remaining <= 0:
-                raise TimeoutError
-            metadata = {"authorization": f"Bearer {self._token.reveal()}"}
-            async with (
-                asyncio.timeout(remaining),
-                entry.stub.AssignMeetingWithMh.open(timeout=remaining, metadata=metadata) as stream,
-            ):
-                await stream.send_message(request, end=True)
-                reply = await _recv_reply(stream)
+                connecting = False
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                bound.reschedule(deadline)
+                metadata = {"authorization": f"Bearer {self._token.reveal()}"}
+                async with entry.stub.AssignMeetingWithMh.open(
+                    timeout=remaining, metadata=metadata
+                ) as stream:
+                    await stream.send_message(request, end=True)
+                    reply = await _recv_reply(stream)
             # Leaving the block read the trailers: a non-OK status has been
             # raised by now, so a missing message here is the MC's error.
             if reply is None:

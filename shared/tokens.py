@@ -22,6 +22,8 @@ Tokens and keys never appear in exception messages, ``repr`` or logs.
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import json
 import math
 import threading
@@ -467,7 +469,7 @@ def mint_token(
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     for s in scopes:
-        if not s or any(c.isspace() for c in s):
+        if s.split() != [s]:  # empty, or with whitespace (str.isspace's)
             raise ValueError("each scope must be non-empty and contain no whitespace")
     if extra is not None and _RESERVED_CLAIMS & extra.keys():
         raise ValueError("extra may not override " + ", ".join(sorted(_RESERVED_CLAIMS)))
@@ -482,7 +484,32 @@ def mint_token(
     }
     if extra is not None:
         payload.update(extra)
-    return jwt.encode(payload, private_key, algorithm=ALGORITHM, headers={"kid": kid})
+    return _sign_compact(private_key, kid, payload)
+
+
+@functools.lru_cache(maxsize=64)
+def _header_segment(kid: str) -> bytes:
+    """The encoded JOSE header of our tokens: exactly pyjwt's (sorted keys,
+    compact separators), computed once per ``kid``."""
+    header = {"alg": ALGORITHM, "kid": kid, "typ": "JWT"}
+    return _b64(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _sign_compact(private_key: Ed25519PrivateKey, kid: str, payload: dict[str, object]) -> str:
+    """The compact JWS of ``payload``, byte for byte what
+    ``jwt.encode(payload, private_key, algorithm="EdDSA", headers={"kid": kid})``
+    produces (Ed25519 signatures are deterministic; ``tests/test_tokens.py``
+    compares the two). Minting is on every join's path, and pyjwt's generic
+    machinery around the signature (header validation, algorithm lookup,
+    key preparation, copies) cost as much again as the signature itself."""
+    signing_input = (
+        _header_segment(kid) + b"." + _b64(json.dumps(payload, separators=(",", ":")).encode())
+    )
+    return (signing_input + b"." + _b64(private_key.sign(signing_input))).decode("ascii")
 
 
 def mint_mc_token(

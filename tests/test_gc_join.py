@@ -40,7 +40,7 @@ from mc_fakes import ACCEPT, DISCONNECT, Behaviour, Fail, FakeMc, Reject
 
 from darktower.gc.join_errors import MeetingNotFound, ServiceUnavailable
 from darktower.gc.join_flow import JoinResult
-from darktower.gc.metrics import ASSIGNMENT_RETRIES, MC_RPCS
+from darktower.gc.metrics import ASSIGNMENT_RETRIES, MC_RPCS, REGISTRY
 from darktower.protos import internal_pb2 as pb
 from darktower.shared import tokens
 from darktower.shared.seam import run_aio
@@ -338,6 +338,65 @@ async def test_concurrent_first_joins_make_one_assignment_with_one_rpc(
         assert sum(r.assigned for r in results) == 1
         assert sum(len(mc.requests) for mc in mcs) == 1
         assert len(await assignment_rows(db_pool)) == 1
+
+
+def statements() -> dict[str, float]:
+    """How many times each join-path statement ran (``gc_db_query_seconds``)."""
+    names = ("meeting_find_for_join", "assignment_begin_attempt", "assignment_record",
+             "assignment_find_active", "assignment_release_lease")  # fmt: skip
+    return {
+        name: REGISTRY.get_sample_value("gc_db_query_seconds_count", {"query": name}) or 0.0
+        for name in names
+    }
+
+
+def ran_since(before: dict[str, float]) -> dict[str, int]:
+    return {name: int(count - before[name]) for name, count in statements().items()
+            if count != before[name]}  # fmt: skip
+
+
+async def test_round_trips_of_first_joins_and_rejoins(db_pool: asyncpg.Pool, gc_token: str) -> None:
+    """A first join: the lookup (which also takes the lease, draws the
+    generation and reads the candidates), the MC call, the record. A re-join:
+    the lookup alone. A meeting this GC saw assigned whose MC then died: the
+    lookup, a separate attempt (the lookup was not asked to begin one), the
+    MC call, the record. Another GC (or this one after a restart) that never
+    saw the meeting re-joins it in one lookup too."""
+    async with (
+        fakes(gc_token, ACCEPT, ACCEPT) as (mc1, mc2),
+        join_service(db_pool, gc_token) as service,
+    ):
+        await add_mc(db_pool, "mc-1", mc1.endpoint)
+        await add_mh(db_pool, "mh-a")
+        code = await new_meeting(db_pool)
+
+        before = statements()
+        assert (await join(service, code)).assigned
+        assert ran_since(before) == {"meeting_find_for_join": 1, "assignment_record": 1}
+
+        before = statements()
+        assert not (await join(service, code)).assigned
+        assert ran_since(before) == {"meeting_find_for_join": 1}
+
+        await add_mc(db_pool, "mc-2", mc2.endpoint, meetings_now=50)
+        await fetch(db_pool, "UPDATE meeting_controllers SET health_status = 'unhealthy'"
+                    " WHERE controller_id = 'mc-1'")  # fmt: skip
+        before = statements()
+        moved = await join(service, code)
+        assert moved.assigned
+        assert moved.assignment.controller_id == "mc-2"
+        assert ran_since(before) == {
+            "meeting_find_for_join": 1,
+            "assignment_begin_attempt": 1,
+            "assignment_record": 1,
+        }
+
+    async with join_service(db_pool, gc_token) as elsewhere:
+        before = statements()
+        found = await join(elsewhere, code)
+        assert found.assignment == moved.assignment
+        assert ran_since(before) == {"meeting_find_for_join": 1}
+    assert await held_leases(db_pool) == []
 
 
 # --- over HTTP, through a whole GC -----------------------------------------------------------

@@ -12,9 +12,11 @@ import re
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import cast
 
 import asyncpg
 import pytest
+import trio
 
 from darktower.gc.registry_requests import McHeartbeat, McRegistration, MhRegistration
 from darktower.gc.repositories import assignments, media_handlers, meeting_controllers, meetings
@@ -327,3 +329,194 @@ async def test_find_for_join_ignores_an_ended_assignment(db_pool: asyncpg.Pool) 
     lookup = await find(db_pool, meeting.meeting_code)
     assert lookup is not None
     assert lookup.assignment is None
+
+
+# --- find_for_join: the first attempt of an assignment (a lease request) -------------------------
+
+GC_ID = "gc-1"
+
+
+async def find_leasing(
+    pool: asyncpg.Pool, code: str, holder: uuid.UUID, org_id: uuid.UUID | None = ORG
+) -> JoinLookup | None:
+    lease = meetings.LeaseRequest(holder, GC_ID, 10.0)
+    return await run_aio(meetings.find_for_join, pool, code=code, org_id=org_id, region=REGION,
+                         stale_after_s=STALE, lease=lease)  # fmt: skip
+
+
+async def lease_holders(pool: asyncpg.Pool) -> list[uuid.UUID | None]:
+    rows = await run_aio(pool.fetch, "SELECT holder FROM meeting_assignment_leases")
+    return [row["holder"] for row in rows]
+
+
+async def next_generation(pool: asyncpg.Pool) -> int:
+    value: int = await run_aio(pool.fetchval, "SELECT nextval('meeting_generation_seq')")
+    return value
+
+
+async def test_find_for_join_begins_the_first_attempt_of_an_unassigned_meeting(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """What ``assignments.begin_attempt`` would read, in the lookup itself."""
+    await add_fleet(db_pool)
+    meeting = await create(db_pool)
+    holder = uuid.uuid4()
+    before = await next_generation(db_pool)
+    lookup = await find_leasing(db_pool, meeting.meeting_code, holder)
+    assert lookup is not None
+    assert lookup.meeting.meeting_id == meeting.meeting_id
+    assert lookup.meeting.status == "active"
+    assert lookup.assignment is None
+    attempt = lookup.attempt
+    assert attempt is not None
+    assert attempt.taken
+    assert attempt.snapshot_current
+    assert attempt.active is None
+    assert attempt.generation == before + 1
+    # The same candidates as the standalone queries.
+    _, mcs = await run_aio(meeting_controllers.assignment_candidates, db_pool, region=REGION,
+                           stale_after_s=STALE, exclude=[])  # fmt: skip
+    mhs = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
+                        stale_after_s=STALE)  # fmt: skip
+    assert [c.controller_id for c in mcs] == ["mc-1"]
+    assert list(attempt.mc_candidates) == mcs[:1]
+    assert sorted(attempt.mh_candidates, key=lambda c: c.handler_id) == sorted(
+        mhs, key=lambda c: c.handler_id
+    )
+    assert await lease_holders(db_pool) == [holder]
+    # The holder's own lease: a second lookup renews it and draws anew.
+    again = await find_leasing(db_pool, meeting.meeting_code, holder)
+    assert again is not None
+    assert again.attempt is not None
+    assert again.attempt.taken
+    assert again.attempt.generation > attempt.generation
+
+
+async def test_find_for_join_takes_no_lease_for_a_live_assignment(db_pool: asyncpg.Pool) -> None:
+    await add_fleet(db_pool)
+    meeting = await create(db_pool)
+    await assign(db_pool, meeting.meeting_id, 42)
+    holders_before = await lease_holders(db_pool)
+    before = await next_generation(db_pool)
+    lookup = await find_leasing(db_pool, meeting.meeting_code, uuid.uuid4())
+    assert lookup == JoinLookup(
+        meeting=lookup.meeting if lookup else None,  # type: ignore[arg-type]
+        assignment=assignment(meeting.meeting_id, 42, live=True),
+        attempt=None,
+    )
+    # Nothing written or drawn: the re-join path stays read-only.
+    assert await lease_holders(db_pool) == holders_before == [None]
+    assert await next_generation(db_pool) == before + 1
+
+
+async def test_find_for_join_begins_a_replacement_when_the_mc_is_not_live(
+    db_pool: asyncpg.Pool,
+) -> None:
+    await add_fleet(db_pool)
+    meeting = await create(db_pool)
+    await assign(db_pool, meeting.meeting_id, 7)
+    await run_aio(
+        db_pool.execute,
+        "UPDATE meeting_controllers SET last_heartbeat_at = now() - make_interval(secs => $1)",
+        STALE + 1,
+    )
+    holder = uuid.uuid4()
+    lookup = await find_leasing(db_pool, meeting.meeting_code, holder)
+    assert lookup is not None
+    assert lookup.assignment == assignment(meeting.meeting_id, 7, live=False)
+    assert lookup.attempt is not None
+    assert lookup.attempt.taken
+    assert lookup.attempt.active == assignment(meeting.meeting_id, 7, live=False)
+    assert lookup.attempt.generation > 0
+    assert lookup.attempt.mc_candidates == ()  # the only MC is the stale one
+    assert await lease_holders(db_pool) == [holder]
+
+
+async def test_find_for_join_leaves_another_holders_lease_alone(db_pool: asyncpg.Pool) -> None:
+    await add_fleet(db_pool)
+    meeting = await create(db_pool)
+    theirs = uuid.uuid4()
+    assert await run_aio(assignments.acquire_lease, db_pool, meeting_id=meeting.meeting_id,
+                         region=REGION, holder=theirs, gc_id="gc-2", ttl_s=10.0)  # fmt: skip
+    before = await next_generation(db_pool)
+    lookup = await find_leasing(db_pool, meeting.meeting_code, uuid.uuid4())
+    assert lookup is not None
+    assert lookup.assignment is None
+    assert lookup.attempt == assignments.AttemptStart(taken=False)
+    assert await lease_holders(db_pool) == [theirs]
+    assert await next_generation(db_pool) == before + 1  # nothing drawn
+
+
+async def test_find_for_join_takes_no_lease_for_a_meeting_it_does_not_find(
+    db_pool: asyncpg.Pool,
+) -> None:
+    await add_fleet(db_pool)
+    members_only = await create(db_pool)
+    assert await find_leasing(db_pool, members_only.meeting_code, uuid.uuid4(), OTHER_ORG) is None
+    assert await find_leasing(db_pool, members_only.meeting_code, uuid.uuid4(), None) is None
+    assert await find_leasing(db_pool, "no-such-code", uuid.uuid4()) is None
+    assert await lease_holders(db_pool) == []
+
+
+async def test_find_for_join_notices_a_record_its_snapshot_missed(
+    db_pool: asyncpg.Pool, database_dsn: str
+) -> None:
+    """As ``begin_attempt`` (tests/test_gc_assignments_repo.py): holder A's
+    lease expired and A records while B's lookup runs. B's snapshot predates
+    A's commit, so B sees no assignment and tries the lease; it blocks on
+    the row A is consuming and takes it once A commits - and must be told
+    that its snapshot missed a record (``snapshot_current`` false), or it
+    would call an MC with a newer generation and fence A's live assignment
+    out. Deterministic: B is observed blocked (pg_locks) before A commits."""
+    await add_fleet(db_pool)
+    meeting = await create(db_pool)
+    a_holder = uuid.uuid4()
+    assert await run_aio(assignments.acquire_lease, db_pool, meeting_id=meeting.meeting_id,
+                         region=REGION, holder=a_holder, gc_id="gc-a", ttl_s=10.0)  # fmt: skip
+    await run_aio(db_pool.execute, "UPDATE meeting_assignment_leases SET expires_at = now() - "
+                  "interval '1 second'")  # fmt: skip
+    generation = await next_generation(db_pool)
+    a_con = await run_aio(asyncpg.connect, database_dsn)
+    try:
+        a_tx = a_con.transaction()
+        await run_aio(a_tx.start)
+        a_pid = a_con.get_server_pid()
+        outcome = await run_aio(
+            assignments.record, cast(asyncpg.Pool, a_con), meeting_id=meeting.meeting_id,
+            region=REGION, controller_id="mc-1", generation=generation, gc_id="gc-a",
+            primary_mh_id="mh-1", backup_mh_id="mh-2", holder=a_holder, stale_after_s=STALE,
+        )  # fmt: skip
+        assert outcome.won
+        result: list[JoinLookup | None] = []
+
+        async def lookup_b() -> None:
+            result.append(await find_leasing(db_pool, meeting.meeting_code, uuid.uuid4()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup_b)
+            with trio.fail_after(10):  # B blocks on A's row lock at once; bounded anyway
+                while True:
+                    blocked = await run_aio(
+                        db_pool.fetchval,
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND $1 = any("
+                        "SELECT unnest(pg_blocking_pids(pid)))",
+                        a_pid,
+                    )
+                    if blocked:
+                        break
+                    await trio.sleep(0.01)
+            await run_aio(a_tx.commit)
+        [b] = result
+    finally:
+        await run_aio(a_con.close)
+    assert b is not None
+    assert b.assignment is None  # B's snapshot
+    assert b.attempt is not None
+    assert b.attempt.taken
+    assert not b.attempt.snapshot_current
+    assert b.attempt.active is None
+    assert b.attempt.generation > generation
+    # What the flow then does: read again, and find A's live assignment.
+    found = await run_aio(assignments.find_active, db_pool, meeting_id=meeting.meeting_id,
+                          region=REGION, stale_after_s=STALE)  # fmt: skip
+    assert found == assignment(meeting.meeting_id, generation, live=True)

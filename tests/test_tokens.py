@@ -168,6 +168,26 @@ def test_header_pins_eddsa_and_names_the_kid(env: Env) -> None:
     assert header["kid"] == env.kid
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [None, {"org_id": "org-1"}, {"meeting_id": "m-1", "guest": True, "display_name": "Zoë ✓"}],
+)
+def test_minted_tokens_are_byte_for_byte_pyjwts(env: Env, extra: dict[str, Any] | None) -> None:
+    """The minting shortcut (``_sign_compact``) must stay what pyjwt would
+    produce for the same claims: Ed25519 signatures are deterministic, so
+    the whole token is comparable."""
+    token = env.mint(extra=extra)
+    payload = jwt.decode(token, options={"verify_signature": False})
+    assert token == jwt.encode(payload, env.key, algorithm="EdDSA", headers={"kid": env.kid})
+    assert env.validate(token).raw == payload
+
+
+@pytest.mark.parametrize("scope", ["", " ", "a b", "a\tb", "a\u2003b", "\x1c", " a", "a\n"])
+def test_a_scope_must_be_one_word(env: Env, scope: str) -> None:
+    with pytest.raises(ValueError, match="whitespace"):
+        env.mint(scopes=[SCOPE_MC_REGISTER, scope])
+
+
 # --- Unauthenticated -----------------------------------------------------------------------
 
 

@@ -122,6 +122,33 @@ def assignment_from_row(row: asyncpg.Record) -> ActiveAssignment | None:
     )
 
 
+def attempt_from_row(row: asyncpg.Record, *, active: ActiveAssignment | None) -> AttemptStart:
+    """The :class:`AttemptStart` in a row with the columns of
+    :func:`attempt_columns_sql`; ``active`` is the assignment the same
+    statement read (kept only when the snapshot is current)."""
+    if not row["lease_taken"]:
+        return AttemptStart(taken=False)
+    mcs = json.loads(row["mc_candidates"]) if row["mc_candidates"] is not None else []
+    mhs = json.loads(row["mh_candidates"]) if row["mh_candidates"] is not None else []
+    return AttemptStart(
+        taken=True,
+        active=active if row["snapshot_current"] else None,
+        snapshot_current=row["snapshot_current"],
+        generation=row["generation"],
+        mc_candidates=tuple(
+            McCandidate(
+                controller_id=c["controller_id"],
+                grpc_endpoint=c["grpc_endpoint"],
+                webtransport_endpoint=c["webtransport_endpoint"],
+                current_meetings=c["current_meetings"],
+                max_meetings=c["max_meetings"],
+            )
+            for c in mcs
+        ),
+        mh_candidates=tuple(MhCandidate(**m) for m in mhs),
+    )
+
+
 def _active_sql(*, meeting_id: int, region: int, stale_after_s: int) -> str:
     """The active assignment of a meeting with its MC's endpoints and
     liveness, in the columns :func:`assignment_from_row` reads (placeholders
@@ -147,23 +174,50 @@ WHERE a.meeting_id = ${meeting_id} AND a.region = ${region} AND a.ended_at IS NU
 
 _FIND_ACTIVE = _active_sql(meeting_id=1, region=2, stale_after_s=3)
 
-# Taken when free (no row, or consumed by a record: ``holder`` NULL), expired
-# (database clock), or already the caller's (renewal).
-# ON CONFLICT decides on the newest committed row, so two GCs never both win.
-# The NOT EXISTS pre-check only saves work: while another holder's lease is
-# visibly live, nothing is inserted and so nothing locked or written (ON
-# CONFLICT DO UPDATE locks the row even when its WHERE is false), which keeps
-# joins waiting on a busy meeting from queueing on the lease row.
-_LEASE_UPSERT = """
+
+def lease_upsert_sql(
+    *,
+    meeting_id: str,
+    region: int,
+    holder: int,
+    gc_id: int,
+    ttl_s: int,
+    source: str = "",
+    condition: str = "true",
+) -> str:
+    """The statement that takes or renews a meeting's lease, over the given
+    placeholders (parameter numbers: ``3`` for ``$3``); ``meeting_id`` is an
+    SQL expression (a placeholder, or a column of ``source``, a ``FROM``
+    clause the candidate row is selected from) and the lease is only tried
+    where ``condition`` (an SQL expression) holds. Shared by
+    :data:`_ACQUIRE_LEASE`, :data:`_BEGIN_ATTEMPT` and the join's lookup
+    (:mod:`darktower.gc.repositories.meetings`), so all take leases alike.
+
+    The lease is taken when free (no row, or consumed by a record: ``holder``
+    NULL), expired (database clock), or already the caller's (renewal).
+    ON CONFLICT decides on the newest committed row, so two GCs never both
+    win. The NOT EXISTS pre-check only saves work: while another holder's
+    lease is visibly live, nothing is inserted and so nothing locked or
+    written (ON CONFLICT DO UPDATE locks the row even when its WHERE is
+    false), which keeps joins waiting on a busy meeting from queueing on the
+    lease row."""
+    # Only placeholder numbers and fixed SQL fragments are interpolated, never values.
+    return f"""
 INSERT INTO meeting_assignment_leases AS l (meeting_id, region, holder, gc_id, expires_at)
-SELECT $1::uuid, $2::text, $3::uuid, $4::text, now() + make_interval(secs => $5)
-WHERE NOT EXISTS (
-    SELECT 1 FROM meeting_assignment_leases
-    WHERE meeting_id = $1 AND region = $2 AND holder <> $3 AND expires_at >= now())
+SELECT {meeting_id}, ${region}::text, ${holder}::uuid, ${gc_id}::text,
+       now() + make_interval(secs => ${ttl_s})
+{source}
+WHERE {condition} AND NOT EXISTS (
+    SELECT 1 FROM meeting_assignment_leases AS busy
+    WHERE busy.meeting_id = {meeting_id} AND busy.region = ${region}
+      AND busy.holder <> ${holder} AND busy.expires_at >= now())
 ON CONFLICT (meeting_id, region) DO UPDATE SET
     holder = EXCLUDED.holder, gc_id = EXCLUDED.gc_id, expires_at = EXCLUDED.expires_at
 WHERE l.holder IS NULL OR l.expires_at < now() OR l.holder = EXCLUDED.holder
-"""
+"""  # noqa: S608 - only placeholder numbers and fixed fragments are interpolated
+
+
+_LEASE_UPSERT = lease_upsert_sql(meeting_id="$1::uuid", region=2, holder=3, gc_id=4, ttl_s=5)
 
 _ACQUIRE_LEASE = _LEASE_UPSERT + "RETURNING true\n"
 
@@ -176,6 +230,7 @@ _RELEASE_LEASE = """
 UPDATE meeting_assignment_leases SET holder = NULL, expires_at = now()
 WHERE meeting_id = $1 AND region = $2 AND holder = $3
 """
+
 
 # One attempt of a first join (SPEC §6.3 steps 1-5), one statement:
 # * ``lease`` takes or renews the meeting's lease (as :data:`_ACQUIRE_LEASE`);
@@ -191,25 +246,72 @@ WHERE meeting_id = $1 AND region = $2 AND holder = $3
 # * the generation is drawn after the lease is held (``generation`` reads
 #   ``lease``), so it is newer than every generation drawn by earlier holders.
 # * the MC and MH candidates, as their modules define them, as JSON arrays.
+def attempt_columns_sql(
+    *, meeting_id: str, region: int, stale_after_s: int, exclude: int, mc_limit: int, mh_limit: int
+) -> str:
+    """The select-list columns :func:`attempt_from_row` reads, for a statement
+    with CTEs ``lease`` (the upsert's ``RETURNING l.recorded_generation``)
+    and ``generation`` (``nextval`` once per ``lease`` row): ``lease_taken``,
+    ``generation``, ``snapshot_current`` and the candidates as JSON arrays,
+    which are only computed when the lease was taken (a CASE branch's
+    subqueries run only when it is chosen). ``meeting_id`` is an SQL
+    expression; the rest are placeholder numbers.
+
+    ``recorded_generation`` of the lease row is read in its *newest* version
+    (ON CONFLICT locks and uses it), while the assignment is read in the
+    statement's snapshot. A record that committed between the two (its lease
+    was expired, so this statement could take it over) is therefore seen by
+    the lease but missed by the snapshot: ``snapshot_current`` is then false
+    and the caller must read the assignment again (:func:`find_active`)
+    before it calls any MC - otherwise it would draw a newer generation for a
+    meeting that already has a live assignment, and its MC would fence the
+    winner out. The generation is drawn after the lease is held, so it is
+    newer than every generation drawn by earlier holders."""
+    # Only placeholder numbers and fixed SQL fragments are interpolated, never values.
+    mc_candidates = meeting_controllers.candidates_sql(
+        region=region, stale_after_s=stale_after_s, exclude=exclude, limit=mc_limit
+    )
+    mh_candidates = media_handlers.candidates_sql(
+        region=region, stale_after_s=stale_after_s, limit=mh_limit
+    )
+    return f"""
+       EXISTS (SELECT 1 FROM lease) AS lease_taken,
+       (SELECT generation FROM generation) AS generation,
+       (SELECT lease.recorded_generation IS NULL
+               OR lease.recorded_generation <= coalesce(
+                   (SELECT seen.generation FROM meeting_assignments AS seen
+                    WHERE seen.meeting_id = {meeting_id} AND seen.region = ${region}), 0)
+        FROM lease) AS snapshot_current,
+       CASE WHEN EXISTS (SELECT 1 FROM lease) THEN (SELECT json_agg(c ORDER BY c.rank) FROM (
+           {mc_candidates}
+       ) AS c) END AS mc_candidates,
+       CASE WHEN EXISTS (SELECT 1 FROM lease) THEN (SELECT json_agg(m) FROM (
+           {mh_candidates}
+       ) AS m) END AS mh_candidates
+"""  # noqa: S608 - only placeholder numbers and fixed fragments are interpolated
+
+
+# One attempt of a first join (SPEC §6.3 steps 1-5), one statement:
+# * ``lease`` takes or renews the meeting's lease (:func:`lease_upsert_sql`);
+#   every other part runs only when it was taken (they all read ``lease``).
+# * ``active`` is the assignment in this statement's snapshot, with
+#   ``snapshot_current`` saying whether the snapshot can be trusted, and the
+#   generation and candidates: see :func:`attempt_columns_sql`.
+# The join's first attempt is begun by its lookup instead
+# (:func:`darktower.gc.repositories.meetings.find_for_join`), in the same
+# round trip as the meeting; this statement begins the later ones.
+_BEGIN_ATTEMPT_COLUMNS = attempt_columns_sql(
+    meeting_id="$1", region=2, stale_after_s=6, exclude=7, mc_limit=8, mh_limit=9
+)
 _BEGIN_ATTEMPT = f"""
 WITH lease AS (
 {_LEASE_UPSERT}    RETURNING l.recorded_generation
 ), generation AS (
     SELECT nextval('meeting_generation_seq') AS generation FROM lease
 )
-SELECT g.generation,
-       (lease.recorded_generation IS NULL
-        OR lease.recorded_generation <= coalesce(
-            (SELECT seen.generation FROM meeting_assignments AS seen
-             WHERE seen.meeting_id = $1 AND seen.region = $2), 0)) AS snapshot_current,
-       active.*,
-       (SELECT json_agg(c ORDER BY c.rank) FROM (
-           {meeting_controllers.candidates_sql(region=2, stale_after_s=6, exclude=7, limit=8)}
-       ) AS c) AS mc_candidates,
-       (SELECT json_agg(m) FROM (
-           {media_handlers.candidates_sql(region=2, stale_after_s=6, limit=9)}
-       ) AS m) AS mh_candidates
-FROM lease CROSS JOIN generation AS g
+SELECT active.*,
+{_BEGIN_ATTEMPT_COLUMNS}
+FROM lease
 LEFT JOIN ({_active_sql(meeting_id=1, region=2, stale_after_s=6)}) AS active ON true
 """  # noqa: S608 - only placeholder numbers are interpolated
 
@@ -376,11 +478,18 @@ def _count(status: str) -> int:
 @translate_errors
 @timed(DB_QUERY_SECONDS, "assignment_find_active")
 async def find_active(
-    pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, stale_after_s: float
+    pool: asyncpg.Pool,
+    *,
+    meeting_id: uuid.UUID,
+    region: str,
+    stale_after_s: float,
+    timeout_s: float | None = None,
 ) -> ActiveAssignment | None:
     """The meeting's active assignment in ``region`` with its MC's endpoints
-    and liveness (``healthy`` and heartbeating within ``stale_after_s``)."""
-    row = await pool.fetchrow(_FIND_ACTIVE, meeting_id, region, stale_after_s)
+    and liveness (``healthy`` and heartbeating within ``stale_after_s``).
+    ``timeout_s`` bounds the statement (the pool's statement timeout when
+    ``None``; see :data:`darktower.shared.db.FAIL_FAST_TIMEOUT_S`)."""
+    row = await pool.fetchrow(_FIND_ACTIVE, meeting_id, region, stale_after_s, timeout=timeout_s)
     return None if row is None else assignment_from_row(row)
 
 
@@ -416,48 +525,38 @@ async def begin_attempt(
     exclude: Sequence[str] = (),
     mc_limit: int = 5,
     mh_limit: int = 20,
+    timeout_s: float | None = None,
 ) -> AttemptStart:
     """Take (or renew) the meeting's lease for ``ttl_s`` and, when taken,
     read everything an attempt needs in the same round trip: the active
     assignment, a fresh generation, the MC candidates (top ``mc_limit``, not
     in ``exclude``; see :func:`meeting_controllers.assignment_candidates`)
-    and the MH candidates (:func:`media_handlers.assignment_candidates`)."""
+    and the MH candidates (:func:`media_handlers.assignment_candidates`).
+    ``timeout_s`` bounds the statement (as for :func:`find_active`)."""
     row = await pool.fetchrow(
         _BEGIN_ATTEMPT, meeting_id, region, holder, gc_id, ttl_s, stale_after_s,
-        list(exclude), mc_limit, mh_limit,
+        list(exclude), mc_limit, mh_limit, timeout=timeout_s,
     )  # fmt: skip
     if row is None:
         return AttemptStart(taken=False)
-    mcs = json.loads(row["mc_candidates"]) if row["mc_candidates"] is not None else []
-    mhs = json.loads(row["mh_candidates"]) if row["mh_candidates"] is not None else []
-    return AttemptStart(
-        taken=True,
-        active=assignment_from_row(row) if row["snapshot_current"] else None,
-        snapshot_current=row["snapshot_current"],
-        generation=row["generation"],
-        mc_candidates=tuple(
-            McCandidate(
-                controller_id=c["controller_id"],
-                grpc_endpoint=c["grpc_endpoint"],
-                webtransport_endpoint=c["webtransport_endpoint"],
-                current_meetings=c["current_meetings"],
-                max_meetings=c["max_meetings"],
-            )
-            for c in mcs
-        ),
-        mh_candidates=tuple(MhCandidate(**m) for m in mhs),
-    )
+    return attempt_from_row(row, active=assignment_from_row(row))
 
 
 @translate_errors
 @timed(DB_QUERY_SECONDS, "assignment_release_lease")
 async def release_lease(
-    pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, holder: uuid.UUID
+    pool: asyncpg.Pool,
+    *,
+    meeting_id: uuid.UUID,
+    region: str,
+    holder: uuid.UUID,
+    timeout_s: float | None = None,
 ) -> None:
     """Give the lease back (only ``holder``'s own; a lease taken over since is
     left to its new holder), keeping the row's record mark. Harmless after
-    :func:`record`, which frees it."""
-    await pool.execute(_RELEASE_LEASE, meeting_id, region, holder)
+    :func:`record`, which frees it. ``timeout_s`` bounds the statement (as
+    for :func:`find_active`)."""
+    await pool.execute(_RELEASE_LEASE, meeting_id, region, holder, timeout=timeout_s)
 
 
 @translate_errors
@@ -474,6 +573,7 @@ async def record(
     backup_mh_id: str | None,
     holder: uuid.UUID,
     stale_after_s: float,
+    timeout_s: float | None = None,
 ) -> RecordOutcome:
     """Record the caller's assignment if it may: the caller must hold the
     lease, and an active assignment whose MC is live is never replaced (an
@@ -483,15 +583,16 @@ async def record(
     On a win the MC's and the MHs' load estimates go up by one in the same
     statement. Under any concurrency a meeting has at most one active
     assignment per region, and every loser is handed the winner's.
+    ``timeout_s`` bounds each statement (as for :func:`find_active`).
     """
     args = (meeting_id, region, holder, controller_id, generation, gc_id, primary_mh_id,
             backup_mh_id, stale_after_s)  # fmt: skip
-    row = await pool.fetchrow(_RECORD, *args)
+    row = await pool.fetchrow(_RECORD, *args, timeout=timeout_s)
     if row is not None:
         return RecordOutcome(won=True, assignment=assignment_from_row(row))
     # A separate statement, so it sees a winner committed after the record's
     # snapshot was taken.
-    row = await pool.fetchrow(_FIND_ACTIVE, meeting_id, region, stale_after_s)
+    row = await pool.fetchrow(_FIND_ACTIVE, meeting_id, region, stale_after_s, timeout=timeout_s)
     return RecordOutcome(won=False, assignment=None if row is None else assignment_from_row(row))
 
 
