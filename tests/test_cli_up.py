@@ -265,13 +265,14 @@ def test_sigkill_of_dt_up_leaves_nothing_running_nor_its_files(start_up: Any) ->
 
 
 def _sleeper(*, ignore_sigterm: bool = False) -> subprocess.Popen[str]:
-    """A Python process that sleeps until stopped; started when it says so
+    """A Python process that waits for a signal until stopped (SIGALRM ends it
+    after 120 s if nothing does); started when it says so
     (its SIGTERM disposition is then in place)."""
     code = (
         "import signal, sys, time\n"
         + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "")
         + "print('ready', flush=True)\n"
-        "time.sleep(120)\n"
+        "signal.alarm(120)\nsignal.pause()\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
@@ -374,7 +375,7 @@ def test_the_guard_stops_the_servers_last_and_the_children_of_what_it_stops(
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
         "print('ready', flush=True)\n"
-        "time.sleep(120)\n"
+        "signal.alarm(120)\nsignal.pause()\n"
     )
     service = subprocess.Popen(
         [sys.executable, "-c", service_code],
