@@ -1,10 +1,11 @@
 """Test support for commands driven as a user drives them (``dt up``, the
-README's shell line): their output read line by line as it comes, the
-commands they print run exactly as printed, and what they started found by
-a marker in its environment.
+README's shell line, ``dt mh-sim``): their output read line by line as it
+comes, the commands they print run exactly as printed, and what they
+started found by a marker in its environment.
 
 Two threads drain stdout and stderr so that neither pipe fills up; waiting
-for a line is a bounded wait on their queue, never a sleep.
+for a line is a bounded wait on their queue (stdout) or on a condition
+signalled with every line (stderr), never a sleep.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class PrintingRun:
     output: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     readers: list[threading.Thread] = field(default_factory=list)
+    #: Notified on every stderr line and at its end (:meth:`wait_for_stderr`).
+    stderr_changed: threading.Condition = field(default_factory=threading.Condition)
+    stderr_ended: bool = False
 
     def start_readers(self) -> None:
         assert self.proc.stdout is not None
@@ -63,8 +67,34 @@ class PrintingRun:
             self.readers.append(reader)
 
     def _err(self, line: str | None) -> None:
-        if line is not None:
-            self.stderr.append(line)
+        with self.stderr_changed:
+            if line is None:
+                self.stderr_ended = True
+            else:
+                self.stderr.append(line)
+            self.stderr_changed.notify_all()
+
+    def wait_for_stderr(
+        self, predicate: Callable[[str], bool], what: str, timeout: float = READ_BOUND_S
+    ) -> str:
+        """The first stderr line, from its first on (read or not yet), for
+        which ``predicate`` holds: waits on :attr:`stderr_changed` until it
+        comes; fails at once if stderr ends first (every writer closed it),
+        and after ``timeout`` seconds in all - a bound, not a poll."""
+        deadline = time.monotonic() + timeout
+        checked = 0
+        with self.stderr_changed:
+            while True:
+                for line in self.stderr[checked:]:
+                    if predicate(line):
+                        return line
+                checked = len(self.stderr)
+                if self.stderr_ended:
+                    pytest.fail(f"{self.name} ended before {what}:\n{self.text()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"{self.name} logged no {what} within {timeout} s:\n{self.text()}")
+                self.stderr_changed.wait(left)
 
     def read_until(self, pattern: str, timeout: float = READ_BOUND_S) -> re.Match[str]:
         """Lines until one matches ``pattern`` (bounded); that match."""

@@ -11,11 +11,11 @@ re-registration after its row is deleted, surviving a GC outage, SIGINT.
 from __future__ import annotations
 
 import json
-import queue
+import re
+import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +27,7 @@ import pytest
 import trio
 import trio.testing
 from gc_harness import DevKeys, gc_environ
+from printed_output import PrintingRun
 from process_harness import GcProcess, child_environ, fetch, free_port, gc_process
 
 from darktower.cli.__main__ import main as dt_main
@@ -412,57 +413,55 @@ def test_bad_options_are_usage_errors(argv: list[str]) -> None:
 #: waits short.
 REPORT_MS = 200
 WAIT_S = 20.0
+#: In the simulator's environment (:class:`PrintingRun`'s marker).
+_MARKER_VARIABLE = "DT_TEST_MH_SIM_RUN"
 
 
-class SimProcess:
-    """``dt mh-sim`` as a child process: its stdout lines on a queue."""
+@dataclass
+class SimProcess(PrintingRun):
+    """``dt mh-sim`` as a child process (:class:`PrintingRun`): its stdout,
+    one JSON event a line, read in order; its log (stderr) waited on line
+    by line as the reader thread takes it from the pipe."""
 
-    def __init__(self, argv: list[str], stderr_path: Path) -> None:
-        self.stderr_path = stderr_path
-        with stderr_path.open("wb") as stderr:
-            self.proc = subprocess.Popen(
-                argv,
-                env=child_environ({}),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-            )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout as stream:  # closed here, at end of file
-            for line in stream:
-                self.lines.put(line)
+    @classmethod
+    def start(cls, argv: list[str]) -> SimProcess:
+        marker = secrets.token_hex(8)
+        proc = subprocess.Popen(
+            argv,
+            env=child_environ({_MARKER_VARIABLE: marker}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        sim = cls(proc, _MARKER_VARIABLE, marker, name="mh-sim")
+        sim.start_readers()
+        return sim
 
     def next_event(self, timeout: float = WAIT_S) -> dict[str, object]:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"mh-sim printed nothing in {timeout} s:\n{self.stderr()}")
+        """The next stdout line (bounded wait), which must be a JSON object."""
+        line = self.read_until(r"^", timeout).string  # whatever the next line is
         event = json.loads(line)
-        assert isinstance(event, dict)
+        assert isinstance(event, dict), line
         return event
 
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+    def wait_log(self, event: str, fields: str = "") -> str:
+        """The first log line of ``event`` (among those logged so far, or
+        else the next ones) whose text also matches the regex ``fields``:
+        a bounded wait on the pipe's reader, failing if the log ends first."""
+        named = re.compile(rf"\bevent={re.escape(event)}\s")
 
-    def wait_log(self, event: str) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while f"event={event}" not in self.stderr():
-            assert self.proc.poll() is None, self.stderr()
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {event} logged in {WAIT_S} s:\n{self.stderr()}")
-            time.sleep(0.05)
+        def matches(line: str) -> bool:
+            return named.search(line) is not None and re.search(fields, line) is not None
+
+        return self.wait_for_stderr(matches, f"event={event} {fields}".strip(), WAIT_S)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
-        self._reader.join(timeout=10)
+        for reader in self.readers:
+            reader.join(timeout=10)
 
 
 async def _rows(dsn: str) -> dict[str, tuple[str, str, int, object]]:
@@ -496,7 +495,7 @@ async def test_dt_mh_sim_against_a_real_gc(
         await gc.wait_ready()
         ports = (gc.http_port, gc.grpc_port)
         argv += ["--gc-url", f"http://127.0.0.1:{gc.grpc_port}", "--load", "constant:0.3"]
-        sim = SimProcess(argv, tmp_path / "mh-sim.stderr")
+        sim = SimProcess.start(argv)
         try:
             await _run_scenario(sim, gc, clean_database, environ, tmp_path, ports)
         finally:
@@ -540,13 +539,14 @@ async def _run_scenario(
         return row is not None and row[0] == "healthy" and row[3] != first_registered
 
     await _eventually(registered_again, "mh-t-1 not registered again")
-    assert "event=mh_not_registered" in sim.stderr()
+    # Logged before it registered again (read from the pipe: maybe not yet).
+    await trio.to_thread.run_sync(sim.wait_log, "mh_not_registered", r"\shandler_id=mh-t-1\s")
 
-    # The GC goes away: the simulator logs, retries and keeps running; when
-    # a GC is back on the same address, reports are taken again.
+    # The GC goes away: the simulator logs, retries and keeps running (a
+    # fifth failed attempt in a row, about a second on); when a GC is back
+    # on the same address, reports are taken again.
     assert await gc.stop() == 0
-    await trio.to_thread.run_sync(sim.wait_log, "mh_load_report_failed")
-    await trio.sleep(1.0)
+    await trio.to_thread.run_sync(sim.wait_log, "mh_load_report_failed", r"\sfailures=5\b")
     assert sim.proc.poll() is None
     async with gc_process(environ, tmp_path, "gc", ports=ports) as again:
         await again.wait_ready()
@@ -559,37 +559,37 @@ async def _run_scenario(
         # SIGINT: exit 0 with a last line; no token anywhere in the output.
         sim.proc.send_signal(signal.SIGINT)
         status = await trio.to_thread.run_sync(lambda: sim.proc.wait(timeout=10))
-        assert status == 0, sim.stderr()
+        assert status == 0, sim.text()
         stopped = await trio.to_thread.run_sync(sim.next_event)
         assert stopped["event"] == "stopped"
         assert isinstance(stopped["reports"], int)
         assert stopped["reports"] > 10
-        assert "eyJ" not in sim.stderr()
-        assert "Traceback" not in sim.stderr()
+        text = await trio.to_thread.run_sync(sim.rest)  # all of stdout and stderr
+        assert "eyJ" not in text
+        assert "Traceback" not in text
         await again.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.dt_timeout(90)
 @pytest.mark.parametrize("when", ["at once", "while registering"])
-def test_sigterm_during_the_start_exits_0_without_a_traceback(
-    keys: DevKeys, tmp_path: Path, when: str
-) -> None:
+def test_sigterm_during_the_start_exits_0_without_a_traceback(keys: DevKeys, when: str) -> None:
     """SIGTERM from ``dt up`` may arrive while the simulator is still starting
     (imports, or retrying registration with a GC that is not there): it must
     end like Ctrl-C, never with an exception out of trio's internals."""
     argv = [sys.executable, "-m", "darktower.cli", "mh-sim", "--count", "1", "--json"]
     argv += ["--keys", str(keys.directory), "--gc-url", f"http://127.0.0.1:{free_port()}"]
-    sim = SimProcess(argv, tmp_path / "mh-sim.stderr")
+    sim = SimProcess.start(argv)
     try:
         if when == "while registering":
             sim.wait_log("mh_registration_failed")
         sim.proc.send_signal(signal.SIGTERM)
         status = sim.proc.wait(timeout=20)
+        text = sim.rest()  # all of stdout and stderr
         # Before the handler is installed (still importing) the default
         # action ends it: nothing had started, so nothing is left behind.
         expected = (0, -signal.SIGTERM) if when == "at once" else (0,)
-        assert status in expected, sim.stderr()
-        assert "Traceback" not in sim.stderr()
+        assert status in expected, text
+        assert "Traceback" not in text
     finally:
         sim.stop()
