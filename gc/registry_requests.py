@@ -140,14 +140,27 @@ def mh_load_report(request: pb.MHLoadReportRequest) -> MhLoadReport:
     )
 
 
+#: PostgreSQL ``bigint`` (int8), the type of a stored generation: wire
+#: ``uint64`` values beyond it are refused, never clamped.
+INT8_MAX = 2**63 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class MeetingEnded:
     meeting_id: uuid.UUID
     region: str
+    #: The generation the MC hosted the meeting under; 0 when it did not say
+    #: (a sender without the field), which the GC accepts unfenced.
+    generation: int
 
 
 def meeting_ended(request: pb.NotifyMeetingEndedRequest) -> MeetingEnded:
-    return MeetingEnded(
-        meeting_id=v.uuid_value("meeting_id", request.meeting_id),
-        region=v.region("region", request.region),
-    )
+    """0 is accepted for ``generation``: it is what a sender without the
+    field (proto3 default; SPEC §3 has no such field) puts on the wire, and
+    refusing it would leave every meeting such an MC ends assigned to it for
+    as long as it is live. No stored generation is 0 (the schema's CHECK)."""
+    meeting_id = v.uuid_value("meeting_id", request.meeting_id)
+    region = v.region("region", request.region)
+    if not 0 <= request.generation <= INT8_MAX:
+        raise v.InvalidArgument("generation", f"must be between 0 and {INT8_MAX}")
+    return MeetingEnded(meeting_id=meeting_id, region=region, generation=request.generation)

@@ -125,8 +125,10 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
 
         Only the owning MC ends a meeting: an MC that lost an assignment race,
         or was replaced after an outage, reports the end of a meeting it no
-        longer owns, and that must not end the owner's. Such a report is
-        acknowledged as ``False`` - not an error, the MC did nothing wrong."""
+        longer owns, and that must not end the owner's. Nor does a late
+        report of an earlier assignment (an older generation) end a later
+        one of the same MC. Such a report is acknowledged as ``False`` - not
+        an error, the MC did nothing wrong."""
         ended = req.meeting_ended(await recv_request(stream))
         controller_id = current_claims().sub
         owned = await assignments.end_by_owner(
@@ -134,12 +136,14 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
             meeting_id=ended.meeting_id,
             region=ended.region,
             controller_id=controller_id,
+            generation=ended.generation,
         )
         MEETING_ENDED_NOTIFICATIONS.labels("ended" if owned else "not_owner").inc()
         log.info(
             "meeting_ended",
             meeting_id=str(ended.meeting_id),
             controller_id=controller_id,
+            generation=ended.generation,
             owner=owned,
         )
         await stream.send_message(pb.NotifyMeetingEndedResponse(acknowledged=owned))

@@ -1,10 +1,10 @@
 """Choosing where a meeting goes (SPEC §6.3 steps 3 and 5): pure, no I/O.
 
-The queries (``repositories.media_handlers.assignment_candidates`` and
-``repositories.meeting_controllers.assignment_candidates``) decide who may be
-chosen - healthy, fresh, in the region, with room, top 5 MCs by load; this
-module only decides among those, so it can be tested exhaustively without a
-database.
+The queries (``repositories.media_handlers.candidates_sql`` and
+``repositories.meeting_controllers.candidates_sql``, read by each attempt's
+statement) decide who may be chosen - healthy, fresh, in the region, with
+room, top 5 MCs by load; this module only decides among those, so it can be
+tested exhaustively without a database.
 
 Media handlers are chosen deterministically (best score, ties by id), so the
 same candidates always give the same pair. Controllers are drawn at random,

@@ -189,9 +189,11 @@ def _meeting_ended(
     async def meeting_ended(meeting_id: str, generation: int, reason: str) -> None:
         """Release the meeting's Redis state (fenced: a newer owner's state is
         untouched; the generation stays as a tombstone) and tell the GC it
-        ended here (SPEC §7.4). Failures are logged: the tombstone's absence
-        only leaves keys a newer claim takes over, and the GC's cleanup ends
-        stale assignments anyway."""
+        ended here, under ``generation`` (SPEC §7.4; the GC ends only an
+        assignment not newer than that, so a late report cannot end a later
+        assignment of the meeting to this MC). Failures are logged: the
+        tombstone's absence only leaves keys a newer claim takes over, and
+        the GC's cleanup ends stale assignments anyway."""
         try:
             released = await store.release(meeting_id, generation, mc_id)
             log.info(
@@ -201,7 +203,9 @@ def _meeting_ended(
             log.warning("meeting_state_release_failed", meeting_id=meeting_id, error=str(exc))
         try:
             await gc_client.notify_meeting_ended(
-                pb.NotifyMeetingEndedRequest(meeting_id=meeting_id, region=region)
+                pb.NotifyMeetingEndedRequest(
+                    meeting_id=meeting_id, region=region, generation=generation
+                )
             )
         except GcError as exc:
             log.warning("notify_meeting_ended_failed", meeting_id=meeting_id, error=str(exc))

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64\x61rktower/protos/internal.proto\x12\x13\x64\x61rk_tower.internal\"|\n\x12\x43ontrollerCapacity\x12\x14\n\x0cmax_meetings\x18\x01 \x01(\r\x12\x18\n\x10\x63urrent_meetings\x18\x02 \x01(\r\x12\x18\n\x10max_participants\x18\x03 \x01(\r\x12\x1c\n\x14\x63urrent_participants\x18\x04 \x01(\r\"\x95\x01\n\x11RegisterMCRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x15\n\rgrpc_endpoint\x18\x03 \x01(\t\x12\x1d\n\x15webtransport_endpoint\x18\x04 \x01(\t\x12\x14\n\x0cmax_meetings\x18\x05 \x01(\r\x12\x18\n\x10max_participants\x18\x06 \x01(\r\"\x88\x01\n\x12RegisterMCResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\"\n\x1a\x66\x61st_heartbeat_interval_ms\x18\x03 \x01(\x04\x12+\n#comprehensive_heartbeat_interval_ms\x18\x04 \x01(\x04\"\x9b\x01\n\x14\x46\x61stHeartbeatRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x39\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\'.dark_tower.internal.ControllerCapacity\x12\x31\n\x06health\x18\x03 \x01(\x0e\x32!.dark_tower.internal.HealthStatus\"\xdd\x01\n\x1d\x43omprehensiveHeartbeatRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x39\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\'.dark_tower.internal.ControllerCapacity\x12\x31\n\x06health\x18\x03 \x01(\x0e\x32!.dark_tower.internal.HealthStatus\x12\x19\n\x11\x63pu_usage_percent\x18\x04 \x01(\x02\x12\x1c\n\x14memory_usage_percent\x18\x05 \x01(\x02\"<\n\x11HeartbeatResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\x12\x11\n\ttimestamp\x18\x02 \x01(\x04\"?\n\x19NotifyMeetingEndedRequest\x12\x12\n\nmeeting_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\"2\n\x1aNotifyMeetingEndedResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\"\x90\x01\n\x11RegisterMHRequest\x12\x12\n\nhandler_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x1d\n\x15webtransport_endpoint\x18\x03 \x01(\t\x12\x15\n\rgrpc_endpoint\x18\x04 \x01(\t\x12\x13\n\x0bmax_streams\x18\x05 \x01(\r\x12\x0c\n\x04zone\x18\x06 \x01(\t\"X\n\x12RegisterMHResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1f\n\x17load_report_interval_ms\x18\x03 \x01(\x04\"\xcf\x01\n\x13MHLoadReportRequest\x12\x12\n\nhandler_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_streams\x18\x02 \x01(\r\x12\x31\n\x06health\x18\x03 \x01(\x0e\x32!.dark_tower.internal.HealthStatus\x12\x19\n\x11\x63pu_usage_percent\x18\x04 \x01(\x02\x12\x1c\n\x14memory_usage_percent\x18\x05 \x01(\x02\x12\x1f\n\x17\x62\x61ndwidth_usage_percent\x18\x06 \x01(\x02\"?\n\x14MHLoadReportResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\x12\x11\n\ttimestamp\x18\x02 \x01(\x04\"g\n\x0cMhAssignment\x12\r\n\x05mh_id\x18\x01 \x01(\t\x12\x1d\n\x15webtransport_endpoint\x18\x02 \x01(\t\x12)\n\x04role\x18\x03 \x01(\x0e\x32\x1b.dark_tower.internal.MhRole\"\x99\x01\n\x1a\x41ssignMeetingWithMhRequest\x12\x12\n\nmeeting_id\x18\x01 \x01(\t\x12\x39\n\x0emh_assignments\x18\x02 \x03(\x0b\x32!.dark_tower.internal.MhAssignment\x12\x18\n\x10requesting_gc_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"o\n\x1b\x41ssignMeetingWithMhResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12>\n\x10rejection_reason\x18\x02 \x01(\x0e\x32$.dark_tower.internal.RejectionReason*S\n\x0cHealthStatus\x12\x0b\n\x07PENDING\x10\x00\x12\x0b\n\x07HEALTHY\x10\x01\x12\x0c\n\x08\x44\x45GRADED\x10\x02\x12\r\n\tUNHEALTHY\x10\x03\x12\x0c\n\x08\x44RAINING\x10\x04*J\n\x06MhRole\x12\x17\n\x13MH_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMH_ROLE_PRIMARY\x10\x01\x12\x12\n\x0eMH_ROLE_BACKUP\x10\x02*\x94\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cREJECTION_REASON_AT_CAPACITY\x10\x01\x12\x1d\n\x19REJECTION_REASON_DRAINING\x10\x02\x12\x1e\n\x1aREJECTION_REASON_UNHEALTHY\x10\x03\x32\xc9\x03\n\x17GlobalControllerService\x12]\n\nRegisterMC\x12&.dark_tower.internal.RegisterMCRequest\x1a\'.dark_tower.internal.RegisterMCResponse\x12\x62\n\rFastHeartbeat\x12).dark_tower.internal.FastHeartbeatRequest\x1a&.dark_tower.internal.HeartbeatResponse\x12t\n\x16\x43omprehensiveHeartbeat\x12\x32.dark_tower.internal.ComprehensiveHeartbeatRequest\x1a&.dark_tower.internal.HeartbeatResponse\x12u\n\x12NotifyMeetingEnded\x12..dark_tower.internal.NotifyMeetingEndedRequest\x1a/.dark_tower.internal.NotifyMeetingEndedResponse2\xe3\x01\n\x1bMediaHandlerRegistryService\x12]\n\nRegisterMH\x12&.dark_tower.internal.RegisterMHRequest\x1a\'.dark_tower.internal.RegisterMHResponse\x12\x65\n\x0eSendLoadReport\x12(.dark_tower.internal.MHLoadReportRequest\x1a).dark_tower.internal.MHLoadReportResponse2\x94\x01\n\x18MeetingControllerService\x12x\n\x13\x41ssignMeetingWithMh\x12/.dark_tower.internal.AssignMeetingWithMhRequest\x1a\x30.dark_tower.internal.AssignMeetingWithMhResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64\x61rktower/protos/internal.proto\x12\x13\x64\x61rk_tower.internal\"|\n\x12\x43ontrollerCapacity\x12\x14\n\x0cmax_meetings\x18\x01 \x01(\r\x12\x18\n\x10\x63urrent_meetings\x18\x02 \x01(\r\x12\x18\n\x10max_participants\x18\x03 \x01(\r\x12\x1c\n\x14\x63urrent_participants\x18\x04 \x01(\r\"\x95\x01\n\x11RegisterMCRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x15\n\rgrpc_endpoint\x18\x03 \x01(\t\x12\x1d\n\x15webtransport_endpoint\x18\x04 \x01(\t\x12\x14\n\x0cmax_meetings\x18\x05 \x01(\r\x12\x18\n\x10max_participants\x18\x06 \x01(\r\"\x88\x01\n\x12RegisterMCResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\"\n\x1a\x66\x61st_heartbeat_interval_ms\x18\x03 \x01(\x04\x12+\n#comprehensive_heartbeat_interval_ms\x18\x04 \x01(\x04\"\x9b\x01\n\x14\x46\x61stHeartbeatRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x39\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\'.dark_tower.internal.ControllerCapacity\x12\x31\n\x06health\x18\x03 \x01(\x0e\x32!.dark_tower.internal.HealthStatus\"\xdd\x01\n\x1d\x43omprehensiveHeartbeatRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x39\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\'.dark_tower.internal.ControllerCapacity\x12\x31\n\x06health\x18\x03 \x01(\x0e\x32!.dark_tower.internal.HealthStatus\x12\x19\n\x11\x63pu_usage_percent\x18\x04 \x01(\x02\x12\x1c\n\x14memory_usage_percent\x18\x05 \x01(\x02\"<\n\x11HeartbeatResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\x12\x11\n\ttimestamp\x18\x02 \x01(\x04\"S\n\x19NotifyMeetingEndedRequest\x12\x12\n\nmeeting_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"2\n\x1aNotifyMeetingEndedResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\"\x90\x01\n\x11RegisterMHRequest\x12\x12\n\nhandler_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x1d\n\x15webtransport_endpoint\x18\x03 \x01(\t\x12\x15\n\rgrpc_endpoint\x18\x04 \x01(\t\x12\x13\n\x0bmax_streams\x18\x05 \x01(\r\x12\x0c\n\x04zone\x18\x06 \x01(\t\"X\n\x12RegisterMHResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1f\n\x17load_report_interval_ms\x18\x03 \x01(\x04\"\xcf\x01\n\x13MHLoadReportRequest\x12\x12\n\nhandler_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_streams\x18\x02 \x01(\r\x12\x31\n\x06health\x18\x03 \x01(\x0e\x32!.dark_tower.internal.HealthStatus\x12\x19\n\x11\x63pu_usage_percent\x18\x04 \x01(\x02\x12\x1c\n\x14memory_usage_percent\x18\x05 \x01(\x02\x12\x1f\n\x17\x62\x61ndwidth_usage_percent\x18\x06 \x01(\x02\"?\n\x14MHLoadReportResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\x12\x11\n\ttimestamp\x18\x02 \x01(\x04\"g\n\x0cMhAssignment\x12\r\n\x05mh_id\x18\x01 \x01(\t\x12\x1d\n\x15webtransport_endpoint\x18\x02 \x01(\t\x12)\n\x04role\x18\x03 \x01(\x0e\x32\x1b.dark_tower.internal.MhRole\"\x99\x01\n\x1a\x41ssignMeetingWithMhRequest\x12\x12\n\nmeeting_id\x18\x01 \x01(\t\x12\x39\n\x0emh_assignments\x18\x02 \x03(\x0b\x32!.dark_tower.internal.MhAssignment\x12\x18\n\x10requesting_gc_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"o\n\x1b\x41ssignMeetingWithMhResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12>\n\x10rejection_reason\x18\x02 \x01(\x0e\x32$.dark_tower.internal.RejectionReason*S\n\x0cHealthStatus\x12\x0b\n\x07PENDING\x10\x00\x12\x0b\n\x07HEALTHY\x10\x01\x12\x0c\n\x08\x44\x45GRADED\x10\x02\x12\r\n\tUNHEALTHY\x10\x03\x12\x0c\n\x08\x44RAINING\x10\x04*J\n\x06MhRole\x12\x17\n\x13MH_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMH_ROLE_PRIMARY\x10\x01\x12\x12\n\x0eMH_ROLE_BACKUP\x10\x02*\x94\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cREJECTION_REASON_AT_CAPACITY\x10\x01\x12\x1d\n\x19REJECTION_REASON_DRAINING\x10\x02\x12\x1e\n\x1aREJECTION_REASON_UNHEALTHY\x10\x03\x32\xc9\x03\n\x17GlobalControllerService\x12]\n\nRegisterMC\x12&.dark_tower.internal.RegisterMCRequest\x1a\'.dark_tower.internal.RegisterMCResponse\x12\x62\n\rFastHeartbeat\x12).dark_tower.internal.FastHeartbeatRequest\x1a&.dark_tower.internal.HeartbeatResponse\x12t\n\x16\x43omprehensiveHeartbeat\x12\x32.dark_tower.internal.ComprehensiveHeartbeatRequest\x1a&.dark_tower.internal.HeartbeatResponse\x12u\n\x12NotifyMeetingEnded\x12..dark_tower.internal.NotifyMeetingEndedRequest\x1a/.dark_tower.internal.NotifyMeetingEndedResponse2\xe3\x01\n\x1bMediaHandlerRegistryService\x12]\n\nRegisterMH\x12&.dark_tower.internal.RegisterMHRequest\x1a\'.dark_tower.internal.RegisterMHResponse\x12\x65\n\x0eSendLoadReport\x12(.dark_tower.internal.MHLoadReportRequest\x1a).dark_tower.internal.MHLoadReportResponse2\x94\x01\n\x18MeetingControllerService\x12x\n\x13\x41ssignMeetingWithMh\x12/.dark_tower.internal.AssignMeetingWithMhRequest\x1a\x30.dark_tower.internal.AssignMeetingWithMhResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'darktower.protos.internal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HEALTHSTATUS']._serialized_start=1920
-  _globals['_HEALTHSTATUS']._serialized_end=2003
-  _globals['_MHROLE']._serialized_start=2005
-  _globals['_MHROLE']._serialized_end=2079
-  _globals['_REJECTIONREASON']._serialized_start=2082
-  _globals['_REJECTIONREASON']._serialized_end=2230
+  _globals['_HEALTHSTATUS']._serialized_start=1940
+  _globals['_HEALTHSTATUS']._serialized_end=2023
+  _globals['_MHROLE']._serialized_start=2025
+  _globals['_MHROLE']._serialized_end=2099
+  _globals['_REJECTIONREASON']._serialized_start=2102
+  _globals['_REJECTIONREASON']._serialized_end=2250
   _globals['_CONTROLLERCAPACITY']._serialized_start=56
   _globals['_CONTROLLERCAPACITY']._serialized_end=180
   _globals['_REGISTERMCREQUEST']._serialized_start=183
@@ -50,27 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRESPONSE']._serialized_start=855
   _globals['_HEARTBEATRESPONSE']._serialized_end=915
   _globals['_NOTIFYMEETINGENDEDREQUEST']._serialized_start=917
-  _globals['_NOTIFYMEETINGENDEDREQUEST']._serialized_end=980
-  _globals['_NOTIFYMEETINGENDEDRESPONSE']._serialized_start=982
-  _globals['_NOTIFYMEETINGENDEDRESPONSE']._serialized_end=1032
-  _globals['_REGISTERMHREQUEST']._serialized_start=1035
-  _globals['_REGISTERMHREQUEST']._serialized_end=1179
-  _globals['_REGISTERMHRESPONSE']._serialized_start=1181
-  _globals['_REGISTERMHRESPONSE']._serialized_end=1269
-  _globals['_MHLOADREPORTREQUEST']._serialized_start=1272
-  _globals['_MHLOADREPORTREQUEST']._serialized_end=1479
-  _globals['_MHLOADREPORTRESPONSE']._serialized_start=1481
-  _globals['_MHLOADREPORTRESPONSE']._serialized_end=1544
-  _globals['_MHASSIGNMENT']._serialized_start=1546
-  _globals['_MHASSIGNMENT']._serialized_end=1649
-  _globals['_ASSIGNMEETINGWITHMHREQUEST']._serialized_start=1652
-  _globals['_ASSIGNMEETINGWITHMHREQUEST']._serialized_end=1805
-  _globals['_ASSIGNMEETINGWITHMHRESPONSE']._serialized_start=1807
-  _globals['_ASSIGNMEETINGWITHMHRESPONSE']._serialized_end=1918
-  _globals['_GLOBALCONTROLLERSERVICE']._serialized_start=2233
-  _globals['_GLOBALCONTROLLERSERVICE']._serialized_end=2690
-  _globals['_MEDIAHANDLERREGISTRYSERVICE']._serialized_start=2693
-  _globals['_MEDIAHANDLERREGISTRYSERVICE']._serialized_end=2920
-  _globals['_MEETINGCONTROLLERSERVICE']._serialized_start=2923
-  _globals['_MEETINGCONTROLLERSERVICE']._serialized_end=3071
+  _globals['_NOTIFYMEETINGENDEDREQUEST']._serialized_end=1000
+  _globals['_NOTIFYMEETINGENDEDRESPONSE']._serialized_start=1002
+  _globals['_NOTIFYMEETINGENDEDRESPONSE']._serialized_end=1052
+  _globals['_REGISTERMHREQUEST']._serialized_start=1055
+  _globals['_REGISTERMHREQUEST']._serialized_end=1199
+  _globals['_REGISTERMHRESPONSE']._serialized_start=1201
+  _globals['_REGISTERMHRESPONSE']._serialized_end=1289
+  _globals['_MHLOADREPORTREQUEST']._serialized_start=1292
+  _globals['_MHLOADREPORTREQUEST']._serialized_end=1499
+  _globals['_MHLOADREPORTRESPONSE']._serialized_start=1501
+  _globals['_MHLOADREPORTRESPONSE']._serialized_end=1564
+  _globals['_MHASSIGNMENT']._serialized_start=1566
+  _globals['_MHASSIGNMENT']._serialized_end=1669
+  _globals['_ASSIGNMEETINGWITHMHREQUEST']._serialized_start=1672
+  _globals['_ASSIGNMEETINGWITHMHREQUEST']._serialized_end=1825
+  _globals['_ASSIGNMEETINGWITHMHRESPONSE']._serialized_start=1827
+  _globals['_ASSIGNMEETINGWITHMHRESPONSE']._serialized_end=1938
+  _globals['_GLOBALCONTROLLERSERVICE']._serialized_start=2253
+  _globals['_GLOBALCONTROLLERSERVICE']._serialized_end=2710
+  _globals['_MEDIAHANDLERREGISTRYSERVICE']._serialized_start=2713
+  _globals['_MEDIAHANDLERREGISTRYSERVICE']._serialized_end=2940
+  _globals['_MEETINGCONTROLLERSERVICE']._serialized_start=2943
+  _globals['_MEETINGCONTROLLERSERVICE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

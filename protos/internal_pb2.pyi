@@ -336,19 +336,28 @@ class NotifyMeetingEndedRequest(_message.Message):
 
     MEETING_ID_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     meeting_id: _builtins.str
     """Meeting that ended."""
     region: _builtins.str
     """Region of the controller that hosted it."""
+    generation: _builtins.int
+    """Generation (fencing token) under which the sender hosted the meeting: the
+    newest it was assigned. This project's addition. The GC ends the recorded
+    assignment only if it is the sender's and not newer than this, so a late
+    report of an earlier assignment cannot end a later one on the same
+    controller. 0 (unset: a sender without this field) is not fenced.
+    """
     def __init__(
         self,
         *,
         meeting_id: _builtins.str = ...,
         region: _builtins.str = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting_id", b"meeting_id", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "meeting_id", b"meeting_id", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

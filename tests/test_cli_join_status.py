@@ -107,15 +107,18 @@ async def add_assignment(
         max_participants=10,
     )
     holder = uuid.uuid4()
-    assert await run_aio(
-        assignments.acquire_lease,
+    # The lease, taken by an attempt's statement as the join flow takes it.
+    start = await run_aio(
+        assignments.begin_attempt,
         pool,
         meeting_id=meeting.meeting_id,
         region="local",
         holder=holder,
         gc_id="gc-test",
         ttl_s=30,
+        stale_after_s=30,
     )
+    assert start.taken
     outcome = await run_aio(
         assignments.record,
         pool,

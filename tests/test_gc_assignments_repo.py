@@ -1,6 +1,7 @@
 """The assignment repositories (SPEC §6.3, §6.4) against real PostgreSQL:
 ``gc/repositories/assignments.py`` and the join's candidate queries of the MC
-and MH repositories.
+and MH repositories, as an attempt's statement (``begin_attempt``) reads them.
+Leases are taken as the product takes them: by that statement.
 
 MCs and MHs are inserted through their own repositories (register, then a
 heartbeat or load report). Staleness and age are produced by back-dating rows
@@ -30,7 +31,8 @@ from darktower.gc.repositories.assignments import (
     AssignmentSummary,
     RecordOutcome,
 )
-from darktower.gc.repositories.meeting_controllers import MeetingControllerRow
+from darktower.gc.repositories.media_handlers import MhCandidate
+from darktower.gc.repositories.meeting_controllers import McCandidate, MeetingControllerRow
 from darktower.shared.db import open_pool
 from darktower.shared.seam import run_aio
 
@@ -133,6 +135,28 @@ async def next_generation(pool: asyncpg.Pool) -> int:
     return generation
 
 
+async def take(
+    pool: asyncpg.Pool,
+    meeting_id: uuid.UUID,
+    holder: uuid.UUID,
+    *,
+    ttl_s: float = 10.0,
+    gc_id: str = GC_ID,
+    region: str = REGION,
+    exclude: tuple[str, ...] = (),
+    mc_limit: int = 5,
+    mh_limit: int = 20,
+) -> assignments.AttemptStart:
+    """Take (or renew) the meeting's lease as a GC does, by an attempt's
+    statement, which also draws the attempt's generation and reads the
+    candidates when the lease is taken."""
+    return await run_aio(
+        assignments.begin_attempt, pool, meeting_id=meeting_id, region=region, holder=holder,
+        gc_id=gc_id, ttl_s=ttl_s, stale_after_s=STALE, exclude=exclude, mc_limit=mc_limit,
+        mh_limit=mh_limit,
+    )  # fmt: skip
+
+
 async def acquire(
     pool: asyncpg.Pool,
     meeting_id: uuid.UUID,
@@ -142,8 +166,9 @@ async def acquire(
     gc_id: str = GC_ID,
     region: str = REGION,
 ) -> bool:
-    return await run_aio(assignments.acquire_lease, pool, meeting_id=meeting_id, region=region,
-                         holder=holder, gc_id=gc_id, ttl_s=ttl_s)  # fmt: skip
+    """Whether the lease was taken (see :func:`take`)."""
+    start = await take(pool, meeting_id, holder, ttl_s=ttl_s, gc_id=gc_id, region=region)
+    return start.taken
 
 
 async def record(
@@ -283,9 +308,11 @@ async def test_mc_live_needs_a_healthy_fresh_mc(db_pool: asyncpg.Pool) -> None:
 
 async def test_find_active_ignores_ended_assignments(fleet: asyncpg.Pool) -> None:
     meeting_id = uuid.uuid4()
-    await lease_and_record(fleet, meeting_id, "mc-1")
+    outcome = await lease_and_record(fleet, meeting_id, "mc-1")
+    assert outcome.assignment is not None
     assert await run_aio(assignments.end_by_owner, fleet, meeting_id=meeting_id, region=REGION,
-                         controller_id="mc-1")  # fmt: skip
+                         controller_id="mc-1",
+                         generation=outcome.assignment.generation)  # fmt: skip
     assert await find_active(fleet, meeting_id) is None
 
 
@@ -381,9 +408,7 @@ async def test_delete_expired_leases_counts_and_keeps_live_ones(db_pool: asyncpg
 async def begin(
     pool: asyncpg.Pool, meeting_id: uuid.UUID, holder: uuid.UUID, *, exclude: tuple[str, ...] = ()
 ) -> assignments.AttemptStart:
-    return await run_aio(assignments.begin_attempt, pool, meeting_id=meeting_id, region=REGION,
-                         holder=holder, gc_id=GC_ID, ttl_s=10.0, stale_after_s=STALE,
-                         exclude=exclude)  # fmt: skip
+    return await take(pool, meeting_id, holder, exclude=exclude)
 
 
 async def test_begin_attempt_reads_everything_an_attempt_needs(fleet: asyncpg.Pool) -> None:
@@ -391,22 +416,22 @@ async def test_begin_attempt_reads_everything_an_attempt_needs(fleet: asyncpg.Po
     await add_mh(fleet, "mh-far", region="elsewhere")
     meeting_id, holder = uuid.uuid4(), uuid.uuid4()
     before = await next_generation(fleet)
+    # mc-1's heartbeat is older: mc-2 ranks first (same load ratio).
+    await backdate(fleet, "mc", 1, "mc-1")
     start = await begin(fleet, meeting_id, holder)
     assert start.taken
     assert start.snapshot_current
     assert start.active is None
     assert start.generation > before
-    # Same candidates, in the same order, as the standalone queries.
-    _, mcs = await run_aio(meeting_controllers.assignment_candidates, fleet, region=REGION,
-                           stale_after_s=STALE, exclude=[])  # fmt: skip
-    mhs = await run_aio(media_handlers.assignment_candidates, fleet, region=REGION,
-                        stale_after_s=STALE)  # fmt: skip
-    assert list(start.mc_candidates) == mcs
-    assert {c.controller_id for c in mcs} == {"mc-1", "mc-2"}
-    assert sorted(start.mh_candidates, key=lambda c: c.handler_id) == sorted(
-        mhs, key=lambda c: c.handler_id
+    # Every field of the candidates of the region (not mc-3 and mh-far).
+    assert start.mc_candidates == (
+        McCandidate("mc-2", mc_grpc("mc-2"), mc_wt("mc-2"), 0, 100),
+        McCandidate("mc-1", mc_grpc("mc-1"), mc_wt("mc-1"), 0, 100),
     )
-    assert [c.handler_id for c in mhs] == ["mh-1", "mh-2"]
+    assert sorted(start.mh_candidates, key=lambda c: c.handler_id) == [
+        MhCandidate("mh-1", "zone-a", mh_wt("mh-1"), 0, 500, "healthy"),
+        MhCandidate("mh-2", "zone-b", mh_wt("mh-2"), 0, 500, "healthy"),
+    ]
     [lease] = await lease_rows(fleet)
     assert (lease["meeting_id"], lease["holder"], lease["gc_id"]) == (meeting_id, holder, GC_ID)
     # A renewal excludes refused MCs and draws a newer generation.
@@ -690,7 +715,8 @@ async def test_end_by_owner_only_for_the_owning_mc(fleet: asyncpg.Pool) -> None:
 
     async def end(controller_id: str) -> bool:
         return await run_aio(assignments.end_by_owner, fleet, meeting_id=meeting_id,
-                             region=REGION, controller_id=controller_id)  # fmt: skip
+                             region=REGION, controller_id=controller_id,
+                             generation=3)  # fmt: skip
 
     assert not await end("mc-2")
     assert await find_active(fleet, meeting_id) is not None
@@ -704,6 +730,31 @@ async def test_end_by_owner_only_for_the_owning_mc(fleet: asyncpg.Pool) -> None:
     assert not await end("mc-1")
     await run_aio(fleet.execute, "UPDATE meeting_assignments SET ended_at = NULL")
     assert await end("mc-1")
+    assert await mc_load(fleet, "mc-1") == [0]
+
+
+async def test_end_by_owner_never_ends_a_newer_assignment_of_the_owner(
+    fleet: asyncpg.Pool,
+) -> None:
+    """A late report of the owner's end under an older generation (it was
+    fenced out, then assigned the meeting again) leaves the newer assignment;
+    a generation at least the recorded one, or none (0), ends it."""
+    meetings = [uuid.uuid4() for _ in range(3)]
+    for meeting_id in meetings:
+        await lease_and_record(fleet, meeting_id, "mc-1", generation=10)
+    assert await mc_load(fleet, "mc-1") == [3]
+
+    async def end(meeting_id: uuid.UUID, generation: int) -> bool:
+        return await run_aio(assignments.end_by_owner, fleet, meeting_id=meeting_id,
+                             region=REGION, controller_id="mc-1",
+                             generation=generation)  # fmt: skip
+
+    for meeting_id in meetings:
+        assert not await end(meeting_id, 9)
+        assert await find_active(fleet, meeting_id) == expected(meeting_id, "mc-1", 10)
+    assert await mc_load(fleet, "mc-1") == [3]
+    assert [await end(m, g) for m, g in zip(meetings, (10, 11, 0), strict=True)] == [True] * 3
+    assert [r["ended_at"] is not None for r in await assignment_rows(fleet)] == [True] * 3
     assert await mc_load(fleet, "mc-1") == [0]
 
 
@@ -824,14 +875,39 @@ async def test_list_active_newest_first_with_limit(fleet: asyncpg.Pool) -> None:
 # --- candidates ----------------------------------------------------------------------------------
 
 
+async def first_attempt(
+    pool: asyncpg.Pool,
+    exclude: tuple[str, ...] = (),
+    *,
+    mc_limit: int = 5,
+    mh_limit: int = 20,
+    region: str = REGION,
+) -> assignments.AttemptStart:
+    """The first attempt of a fresh meeting (its lease is free): what an
+    attempt's statement reads."""
+    start = await take(pool, uuid.uuid4(), uuid.uuid4(), region=region, exclude=exclude,
+                       mc_limit=mc_limit, mh_limit=mh_limit)  # fmt: skip
+    assert start.taken
+    return start
+
+
 async def mc_candidates(
     pool: asyncpg.Pool, exclude: tuple[str, ...] = (), *, limit: int = 5, region: str = REGION
 ) -> tuple[int, list[str]]:
-    generation, candidates = await run_aio(
-        meeting_controllers.assignment_candidates, pool, region=region, stale_after_s=STALE,
-        exclude=list(exclude), limit=limit,
-    )  # fmt: skip
-    return generation, [c.controller_id for c in candidates]
+    """An attempt's generation and its MC candidates' ids, best first."""
+    start = await first_attempt(pool, exclude, mc_limit=limit, region=region)
+    return start.generation, [c.controller_id for c in start.mc_candidates]
+
+
+async def mh_candidates(pool: asyncpg.Pool, *, limit: int = 20) -> list[MhCandidate]:
+    """An attempt's MH candidates, by id: their order is not part of the
+    statement's answer (the selection ranks them itself)."""
+    start = await first_attempt(pool, mh_limit=limit)
+    return sorted(start.mh_candidates, key=lambda c: c.handler_id)
+
+
+async def mh_candidate_ids(pool: asyncpg.Pool, *, limit: int = 20) -> list[str]:
+    return [c.handler_id for c in await mh_candidates(pool, limit=limit)]
 
 
 async def test_mc_candidates_filter_by_region_health_freshness_and_room(
@@ -871,13 +947,11 @@ async def test_mc_candidates_order_limit_and_fields(db_pool: asyncpg.Pool) -> No
     await backdate(db_pool, "mc", 10, "b")
     _, ids = await mc_candidates(db_pool, limit=3)
     assert ids == ["d", "c", "b"]
-    _, candidates = await run_aio(meeting_controllers.assignment_candidates, db_pool,
-                                  region=REGION, stale_after_s=STALE, exclude=[],
-                                  limit=1)  # fmt: skip
-    assert candidates == [meeting_controllers.McCandidate("d", mc_grpc("d"), mc_wt("d"), 0, 7)]
+    start = await first_attempt(db_pool, mc_limit=1)
+    assert start.mc_candidates == (McCandidate("d", mc_grpc("d"), mc_wt("d"), 0, 7),)
 
 
-async def test_mc_candidates_draw_strictly_increasing_generations(db_pool: asyncpg.Pool) -> None:
+async def test_attempts_draw_strictly_increasing_generations(db_pool: asyncpg.Pool) -> None:
     # Drawn even when there is no candidate at all.
     generations = [(await mc_candidates(db_pool))[0] for _ in range(3)]
     await add_mc(db_pool, "mc-1")
@@ -911,23 +985,20 @@ async def test_mh_candidates_include_degraded_and_exclude_the_unusable(
     await backdate(db_pool, "mh", STALE + 1, "h-stale")
     await add_mh(db_pool, "h-full", streams=10, max_streams=10)
     await add_mh(db_pool, "h-far", region="elsewhere")
-    candidates = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
-                               stale_after_s=STALE)  # fmt: skip
-    # By score: free share, halved when degraded (0.9 / 2 ranks below 0.5).
-    assert [c.handler_id for c in candidates] == ["h-empty", "h-half", "h-degraded", "h-one-left"]
-    assert candidates[2] == media_handlers.MhCandidate(
+    candidates = await mh_candidates(db_pool)
+    assert [c.handler_id for c in candidates] == ["h-degraded", "h-empty", "h-half", "h-one-left"]
+    assert candidates[0] == MhCandidate(
         "h-degraded", "zone-a", mh_wt("h-degraded"), 1, 10, "degraded"
     )
-    assert candidates[0].zone == "zone-b"
-    limited = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
-                            stale_after_s=STALE, limit=2)  # fmt: skip
-    assert [c.handler_id for c in limited] == ["h-empty", "h-half"]
+    assert candidates[1] == MhCandidate("h-empty", "zone-b", mh_wt("h-empty"), 0, 500, "healthy")
+    # The limit keeps the best by score: free share, halved when degraded
+    # (0.9 / 2 ranks below 0.5, above 0.1).
+    assert await mh_candidate_ids(db_pool, limit=2) == ["h-empty", "h-half"]
+    assert await mh_candidate_ids(db_pool, limit=3) == ["h-degraded", "h-empty", "h-half"]
     # The best of every zone comes along beyond the limit: a backup in
     # another zone is never cut off by a crowd in one zone.
     await add_mh(db_pool, "h-c", zone="zone-c", streams=80, max_streams=100)
-    one = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
-                        stale_after_s=STALE, limit=1)  # fmt: skip
-    assert [c.handler_id for c in one] == ["h-empty", "h-half", "h-c"]
+    assert await mh_candidate_ids(db_pool, limit=1) == ["h-c", "h-empty", "h-half"]
 
 
 # --- races ---------------------------------------------------------------------------------------
@@ -972,20 +1043,18 @@ async def contend(
     generations: Iterator[int] | None = None,
 ) -> RecordOutcome:
     """A GC's assignment race without the join flow's look-before-lease:
-    take the lease (waiting while another holds it), draw a generation (from
-    the candidates query, or ``generations``), record; until the record
+    take the lease (waiting while another holds it) with the attempt's
+    generation (or one from ``generations``), record; until the record
     yields an assignment."""
     holder = uuid.uuid4()
     while True:
         # Read before trying, so a record finishing meanwhile is not missed.
         seen = wakeups.records
-        if not await acquire(pool, meeting_id, holder):
+        start = await take(pool, meeting_id, holder)
+        if not start.taken:
             await wakeups.wait_after(seen)
             continue
-        if generations is None:
-            generation, _ = await mc_candidates(pool)
-        else:
-            generation = next(generations)
+        generation = start.generation if generations is None else next(generations)
         outcome = await record(pool, meeting_id, controller_id, holder, generation=generation)
         calls.append(outcome)
         wakeups.notify()
@@ -1077,11 +1146,11 @@ async def test_records_racing_with_lease_takeovers(race_pool: asyncpg.Pool) -> N
         holder = uuid.uuid4()
         # A takeover can still fail: a concurrent acquire that started later
         # (a later now()) may commit first, and its lease is then unexpired.
-        if not await acquire(race_pool, meeting_id, holder, ttl_s=0.0):
+        start = await take(race_pool, meeting_id, holder, ttl_s=0.0)
+        if not start.taken:
             return
-        generation, _ = await mc_candidates(race_pool)
         outcomes.append(await record(race_pool, meeting_id, f"mc-{i % N_MCS}", holder,
-                                     generation=generation))  # fmt: skip
+                                     generation=start.generation))  # fmt: skip
 
     async with trio.open_nursery() as nursery:
         for i in range(20):

@@ -18,9 +18,16 @@ import asyncpg
 import pytest
 import trio
 
-from darktower.gc.registry_requests import McHeartbeat, McRegistration, MhRegistration
+from darktower.gc.registry_requests import (
+    McHeartbeat,
+    McRegistration,
+    MhLoadReport,
+    MhRegistration,
+)
 from darktower.gc.repositories import assignments, media_handlers, meeting_controllers, meetings
 from darktower.gc.repositories.assignments import ActiveAssignment, AssignedMh
+from darktower.gc.repositories.media_handlers import MhCandidate
+from darktower.gc.repositories.meeting_controllers import McCandidate
 from darktower.gc.repositories.meetings import JoinLookup, MeetingRow
 from darktower.shared.seam import run_aio
 
@@ -263,10 +270,20 @@ async def add_fleet(pool: asyncpg.Pool) -> None:
         await run_aio(media_handlers.register, pool, mh)
 
 
+async def take_lease(
+    pool: asyncpg.Pool, meeting_id: uuid.UUID, holder: uuid.UUID, gc_id: str = "gc-1"
+) -> None:
+    """Take the meeting's lease as a GC's later attempt does (its statement
+    also draws a generation and reads the candidates)."""
+    start = await run_aio(assignments.begin_attempt, pool, meeting_id=meeting_id, region=REGION,
+                          holder=holder, gc_id=gc_id, ttl_s=10.0,
+                          stale_after_s=STALE)  # fmt: skip
+    assert start.taken
+
+
 async def assign(pool: asyncpg.Pool, meeting_id: uuid.UUID, generation: int) -> None:
     holder = uuid.uuid4()
-    assert await run_aio(assignments.acquire_lease, pool, meeting_id=meeting_id, region=REGION,
-                         holder=holder, gc_id="gc-1", ttl_s=10.0)  # fmt: skip
+    await take_lease(pool, meeting_id, holder)
     outcome = await run_aio(
         assignments.record, pool, meeting_id=meeting_id, region=REGION, controller_id="mc-1",
         generation=generation, gc_id="gc-1", primary_mh_id="mh-1", backup_mh_id="mh-2",
@@ -325,7 +342,7 @@ async def test_find_for_join_ignores_an_ended_assignment(db_pool: asyncpg.Pool) 
     meeting = await create(db_pool)
     await assign(db_pool, meeting.meeting_id, 3)
     assert await run_aio(assignments.end_by_owner, db_pool, meeting_id=meeting.meeting_id,
-                         region=REGION, controller_id="mc-1")  # fmt: skip
+                         region=REGION, controller_id="mc-1", generation=3)  # fmt: skip
     lookup = await find(db_pool, meeting.meeting_code)
     assert lookup is not None
     assert lookup.assignment is None
@@ -359,6 +376,10 @@ async def test_find_for_join_begins_the_first_attempt_of_an_unassigned_meeting(
 ) -> None:
     """What ``assignments.begin_attempt`` would read, in the lookup itself."""
     await add_fleet(db_pool)
+    # Reporting MHs are candidates (mh-2 half full).
+    for handler_id, streams in (("mh-1", 0), ("mh-2", 250)):
+        report = MhLoadReport(handler_id, streams, "healthy", 1.0, 2.0, 3.0)
+        assert await run_aio(media_handlers.load_report, db_pool, report) is not None
     meeting = await create(db_pool)
     holder = uuid.uuid4()
     before = await next_generation(db_pool)
@@ -373,16 +394,14 @@ async def test_find_for_join_begins_the_first_attempt_of_an_unassigned_meeting(
     assert attempt.snapshot_current
     assert attempt.active is None
     assert attempt.generation == before + 1
-    # The same candidates as the standalone queries.
-    _, mcs = await run_aio(meeting_controllers.assignment_candidates, db_pool, region=REGION,
-                           stale_after_s=STALE, exclude=[])  # fmt: skip
-    mhs = await run_aio(media_handlers.assignment_candidates, db_pool, region=REGION,
-                        stale_after_s=STALE)  # fmt: skip
-    assert [c.controller_id for c in mcs] == ["mc-1"]
-    assert list(attempt.mc_candidates) == mcs[:1]
-    assert sorted(attempt.mh_candidates, key=lambda c: c.handler_id) == sorted(
-        mhs, key=lambda c: c.handler_id
+    # Every field of the candidates.
+    assert attempt.mc_candidates == (
+        McCandidate("mc-1", "http://mc-1.test:50052", "https://mc-1.test:4433", 0, 100),
     )
+    assert sorted(attempt.mh_candidates, key=lambda c: c.handler_id) == [
+        MhCandidate("mh-1", "zone-a", "https://mh-1.test:4434", 0, 500, "healthy"),
+        MhCandidate("mh-2", "zone-b", "https://mh-2.test:4434", 250, 500, "healthy"),
+    ]
     assert await lease_holders(db_pool) == [holder]
     # The holder's own lease: a second lookup renews it and draws anew.
     again = await find_leasing(db_pool, meeting.meeting_code, holder)
@@ -390,6 +409,16 @@ async def test_find_for_join_begins_the_first_attempt_of_an_unassigned_meeting(
     assert again.attempt is not None
     assert again.attempt.taken
     assert again.attempt.generation > attempt.generation
+    # The same candidates as a later attempt's statement reads.
+    later = await run_aio(assignments.begin_attempt, db_pool, meeting_id=meeting.meeting_id,
+                          region=REGION, holder=holder, gc_id=GC_ID, ttl_s=10.0,
+                          stale_after_s=STALE)  # fmt: skip
+    assert later.taken
+    assert later.generation > again.attempt.generation
+    assert later.mc_candidates == attempt.mc_candidates
+    assert sorted(later.mh_candidates, key=lambda c: c.handler_id) == sorted(
+        attempt.mh_candidates, key=lambda c: c.handler_id
+    )
 
 
 async def test_find_for_join_takes_no_lease_for_a_live_assignment(db_pool: asyncpg.Pool) -> None:
@@ -436,8 +465,7 @@ async def test_find_for_join_leaves_another_holders_lease_alone(db_pool: asyncpg
     await add_fleet(db_pool)
     meeting = await create(db_pool)
     theirs = uuid.uuid4()
-    assert await run_aio(assignments.acquire_lease, db_pool, meeting_id=meeting.meeting_id,
-                         region=REGION, holder=theirs, gc_id="gc-2", ttl_s=10.0)  # fmt: skip
+    await take_lease(db_pool, meeting.meeting_id, theirs, "gc-2")
     before = await next_generation(db_pool)
     lookup = await find_leasing(db_pool, meeting.meeting_code, uuid.uuid4())
     assert lookup is not None
@@ -471,8 +499,7 @@ async def test_find_for_join_notices_a_record_its_snapshot_missed(
     await add_fleet(db_pool)
     meeting = await create(db_pool)
     a_holder = uuid.uuid4()
-    assert await run_aio(assignments.acquire_lease, db_pool, meeting_id=meeting.meeting_id,
-                         region=REGION, holder=a_holder, gc_id="gc-a", ttl_s=10.0)  # fmt: skip
+    await take_lease(db_pool, meeting.meeting_id, a_holder, "gc-a")
     await run_aio(db_pool.execute, "UPDATE meeting_assignment_leases SET expires_at = now() - "
                   "interval '1 second'")  # fmt: skip
     generation = await next_generation(db_pool)

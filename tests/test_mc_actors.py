@@ -30,11 +30,14 @@ MHS = [internal_pb2.MhAssignment(mh_id="mh-1", role=internal_pb2.MH_ROLE_PRIMARY
 @dataclass
 class Recorder:
     ended: list[tuple[str, str, float]] = field(default_factory=list)
+    #: (meeting, generation) of each report, in the order of ``ended``.
+    generations: list[tuple[str, int]] = field(default_factory=list)
     failed: int = 0
     fenced: int = 0
 
     async def on_meeting_ended(self, meeting_id: str, generation: int, reason: str) -> None:
         self.ended.append((meeting_id, reason, trio.current_time()))
+        self.generations.append((meeting_id, generation))
 
     def count_failed(self) -> None:
         self.failed += 1
@@ -269,6 +272,24 @@ async def test_stop_meeting_reports_its_reason(autojump_clock: trio.testing.Mock
         await trio.testing.wait_all_tasks_blocked()
         assert [(m, r) for m, r, _ in recorder.ended] == [("m1", "stopped")]
         assert controller.ledger.snapshot().participants == 0
+
+
+async def test_an_ended_meeting_reports_the_newest_generation_it_was_assigned(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What the MC tells the GC (``NotifyMeetingEnded.generation``): the
+    generation it hosted the meeting under, including a newer one of a
+    repeated assignment - never an older one."""
+    async with running_controller() as (controller, recorder):
+        first = await controller.start_meeting("m1", 3, MHS)
+        assert await controller.start_meeting("m1", 7, MHS) is first
+        assert await controller.start_meeting("m1", 5, MHS) is first  # older: ignored
+        second = await controller.start_meeting("m2", 4, MHS)
+        for handle in (first, second):
+            assert controller.stop_meeting(handle.meeting_id)
+            await handle.wait_ended()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(recorder.generations) == [("m1", 7), ("m2", 4)]
 
 
 async def test_drain_and_wait_all_ended(autojump_clock: trio.testing.MockClock) -> None:

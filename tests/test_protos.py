@@ -85,6 +85,7 @@ MESSAGES: dict[str, list[Field]] = {
     "NotifyMeetingEndedRequest": [
         _f("meeting_id", 1, STRING),
         _f("region", 2, STRING),
+        _f("generation", 3, UINT64),
     ],
     "NotifyMeetingEndedResponse": [
         _f("acknowledged", 1, BOOL),

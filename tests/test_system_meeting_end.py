@@ -5,8 +5,9 @@ an MH registered over gRPC.
 Join over HTTP → the GC records an assignment and the MC hosts the meeting
 under the recorded generation in Redis; nobody connects to the MC → after
 ``MC_EMPTY_MEETING_TIMEOUT_S`` the MC ends the meeting, gives its Redis keys
-back and calls ``NotifyMeetingEnded`` → the GC soft-deletes the assignment;
-the next join makes a new assignment under a newer generation.
+back and calls ``NotifyMeetingEnded`` under that generation → the GC
+soft-deletes the assignment; the next join makes a new assignment under a
+newer generation.
 
 Every wait is a bounded poll of what the processes publish (database rows,
 ``/metrics``, Redis), never a sleep standing in for synchronisation.
@@ -233,6 +234,17 @@ async def test_an_empty_meeting_is_ended_by_its_mc_and_the_next_join_reassigns_i
                         EMPTY_TIMEOUT_S - 1
                     )
                     assert "reason=empty_timeout" in mc.stderr()
+                    # The MC reported the end under the generation it hosted the
+                    # meeting under (not 0, which the GC would accept unfenced).
+                    report = (
+                        f"event=meeting_ended meeting_id={meeting_id} controller_id={mc_id}"
+                        f" generation={generation} owner=true"
+                    )
+
+                    async def reported() -> bool | None:
+                        return True if report in gc.stderr() else None
+
+                    await eventually(reported, lambda: f"{report!r} in the GC's log")
                     assert (
                         await gc.metric("gc_meeting_ended_notifications_total", result="ended")
                         == ended_before + 1

@@ -190,7 +190,7 @@ def lease_upsert_sql(
     SQL expression (a placeholder, or a column of ``source``, a ``FROM``
     clause the candidate row is selected from) and the lease is only tried
     where ``condition`` (an SQL expression) holds. Shared by
-    :data:`_ACQUIRE_LEASE`, :data:`_BEGIN_ATTEMPT` and the join's lookup
+    :data:`_BEGIN_ATTEMPT` (as :data:`_LEASE_UPSERT`) and the join's lookup
     (:mod:`darktower.gc.repositories.meetings`), so all take leases alike.
 
     The lease is taken when free (no row, or consumed by a record: ``holder``
@@ -219,8 +219,6 @@ WHERE l.holder IS NULL OR l.expires_at < now() OR l.holder = EXCLUDED.holder
 
 _LEASE_UPSERT = lease_upsert_sql(meeting_id="$1::uuid", region=2, holder=3, gc_id=4, ttl_s=5)
 
-_ACQUIRE_LEASE = _LEASE_UPSERT + "RETURNING true\n"
-
 # Releasing frees the row rather than deleting it: the row carries the mark
 # (``recorded_generation``) of the last record, which a concurrent
 # :data:`_BEGIN_ATTEMPT` whose snapshot predates that record relies on. A
@@ -233,7 +231,7 @@ WHERE meeting_id = $1 AND region = $2 AND holder = $3
 
 
 # One attempt of a first join (SPEC §6.3 steps 1-5), one statement:
-# * ``lease`` takes or renews the meeting's lease (as :data:`_ACQUIRE_LEASE`);
+# * ``lease`` takes or renews the meeting's lease (:func:`lease_upsert_sql`);
 #   every other part runs only when it was taken (they all read ``lease``).
 # * ``recorded_generation`` of the lease row is read in its *newest* version
 #   (ON CONFLICT locks and uses it), while ``active`` is read in this
@@ -400,12 +398,22 @@ SELECT won.meeting_id AS a_meeting_id, won.region AS a_region,
 FROM won CROSS JOIN mc_load
 """
 
-# The MC's load estimate goes down with it (floored: the heartbeat may
-# already have reported the meeting gone).
+# Ends the assignment only when the reporting MC ($3) owns it and the
+# generation it hosted the meeting under ($4) is not older than the recorded
+# one: a late report of an earlier assignment of the same MC (fenced out,
+# then the meeting assigned to it again) must not end the later one. Not
+# older rather than equal: an MC re-assigned a meeting it hosts under a newer
+# generation reports that one, also when that assignment lost its record to
+# this row - which then still names an MC that no longer hosts the meeting.
+# $4 = 0 is a report without a generation (a sender without the field),
+# accepted unfenced; no stored generation is 0. The MC's load estimate goes
+# down with it (floored: the heartbeat may already have reported the meeting
+# gone).
 _END_BY_OWNER = """
 WITH ended AS (
     UPDATE meeting_assignments SET ended_at = now()
     WHERE meeting_id = $1 AND region = $2 AND meeting_controller_id = $3
+      AND ($4::bigint = 0 OR generation <= $4::bigint)
       AND ended_at IS NULL
     RETURNING meeting_controller_id
 ), mc_load AS (
@@ -494,24 +502,6 @@ async def find_active(
 
 
 @translate_errors
-@timed(DB_QUERY_SECONDS, "assignment_acquire_lease")
-async def acquire_lease(
-    pool: asyncpg.Pool,
-    *,
-    meeting_id: uuid.UUID,
-    region: str,
-    holder: uuid.UUID,
-    gc_id: str,
-    ttl_s: float,
-) -> bool:
-    """Take (or renew) the right to assign the meeting in ``region`` for
-    ``ttl_s`` seconds; ``False`` while another holder's lease is unexpired."""
-    taken: bool | None = await pool.fetchval(_ACQUIRE_LEASE, meeting_id, region, holder, gc_id,
-                                             ttl_s)  # fmt: skip
-    return bool(taken)
-
-
-@translate_errors
 @timed(DB_QUERY_SECONDS, "assignment_begin_attempt")
 async def begin_attempt(
     pool: asyncpg.Pool,
@@ -530,8 +520,8 @@ async def begin_attempt(
     """Take (or renew) the meeting's lease for ``ttl_s`` and, when taken,
     read everything an attempt needs in the same round trip: the active
     assignment, a fresh generation, the MC candidates (top ``mc_limit``, not
-    in ``exclude``; see :func:`meeting_controllers.assignment_candidates`)
-    and the MH candidates (:func:`media_handlers.assignment_candidates`).
+    in ``exclude``; see :func:`meeting_controllers.candidates_sql`)
+    and the MH candidates (:func:`media_handlers.candidates_sql`).
     ``timeout_s`` bounds the statement (as for :func:`find_active`)."""
     row = await pool.fetchrow(
         _BEGIN_ATTEMPT, meeting_id, region, holder, gc_id, ttl_s, stale_after_s,
@@ -599,12 +589,15 @@ async def record(
 @translate_errors
 @timed(DB_QUERY_SECONDS, "assignment_end_by_owner")
 async def end_by_owner(
-    pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, controller_id: str
+    pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, controller_id: str, generation: int
 ) -> bool:
-    """Soft-delete the active assignment if ``controller_id`` owns it (SPEC
-    §6.4 ``NotifyMeetingEnded``) and lower that MC's meeting count; ``False``
-    when it owns no active assignment of the meeting (another MC's is kept)."""
-    ended: int = await pool.fetchval(_END_BY_OWNER, meeting_id, region, controller_id)
+    """Soft-delete the active assignment if ``controller_id`` owns it at a
+    generation not newer than ``generation`` (the one it hosted the meeting
+    under; SPEC §6.4 ``NotifyMeetingEnded``, §7.3) and lower that MC's
+    meeting count; ``False`` when it owns no such active assignment (another
+    MC's, or a newer one of its own, is kept). ``generation`` 0 means the MC
+    did not say (see :data:`_END_BY_OWNER`) and skips the generation check."""
+    ended: int = await pool.fetchval(_END_BY_OWNER, meeting_id, region, controller_id, generation)
     return ended > 0
 
 

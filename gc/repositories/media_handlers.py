@@ -139,10 +139,12 @@ class MhCandidate:
 
 def candidates_sql(*, region: int, stale_after_s: int, limit: int) -> str:
     """The MH candidates query (SPEC §6.3 step 3) over the given placeholders
-    (parameter numbers: ``1`` for ``$1``), shared by :func:`assignment_candidates` and the join's
-    one-statement attempt
-    (:func:`darktower.gc.repositories.assignments.begin_attempt`); only
-    placeholders are substituted, never values.
+    (parameter numbers: ``1`` for ``$1``), for the join's one-statement
+    attempts (:func:`darktower.gc.repositories.assignments.attempt_columns_sql`:
+    ``begin_attempt`` and the join's lookup); only placeholders are
+    substituted, never values. The MHs a meeting may use: ``healthy`` or
+    ``degraded``, reporting within the staleness bound (database clock), in
+    the region, with free streams.
 
     Degraded MHs are candidates (the selection halves their score). The best
     ``limit`` by score (free share, halved when degraded - the order
@@ -170,19 +172,3 @@ def candidates_sql(*, region: int, stale_after_s: int, limit: int) -> str:
     FROM (SELECT * FROM best UNION SELECT * FROM best_per_zone) AS candidates
     ORDER BY score DESC, handler_id
     """  # noqa: S608 - only placeholder numbers are interpolated
-
-
-_ASSIGNMENT_CANDIDATES = candidates_sql(region=1, stale_after_s=2, limit=3)
-
-
-@translate_errors
-@timed(DB_QUERY_SECONDS, "mh_assignment_candidates")
-async def assignment_candidates(
-    pool: asyncpg.Pool, *, region: str, stale_after_s: float, limit: int = 20
-) -> list[MhCandidate]:
-    """The MHs a meeting may use - ``healthy`` or ``degraded``, reporting
-    within ``stale_after_s`` (database clock), in ``region``, with free
-    streams: the best ``limit`` by score and the best of each zone, best
-    first."""
-    rows = await pool.fetch(_ASSIGNMENT_CANDIDATES, region, stale_after_s, limit)
-    return [MhCandidate(**dict(row)) for row in rows]

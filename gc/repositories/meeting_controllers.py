@@ -214,10 +214,12 @@ class McCandidate:
 
 def candidates_sql(*, region: int, stale_after_s: int, exclude: int, limit: int) -> str:
     """The MC candidates query (SPEC §6.3 step 5) over the given placeholders
-    (parameter numbers: ``1`` for ``$1``), so the join's one-statement attempt
-    (:func:`darktower.gc.repositories.assignments.begin_attempt`) and
-    :func:`assignment_candidates` share one definition. Only placeholders are
-    substituted, never values. Rows are ranked: least loaded (by ratio) first,
+    (parameter numbers: ``1`` for ``$1``), for the join's one-statement
+    attempts (:func:`darktower.gc.repositories.assignments.attempt_columns_sql`:
+    ``begin_attempt`` and the join's lookup). Only placeholders are
+    substituted, never values. The MCs a meeting may go to: ``healthy``,
+    heartbeating within the staleness bound (database clock), in the region,
+    with room, not excluded. Rows are ranked: least loaded (by ratio) first,
     then freshest heartbeat, then id, so the order is total."""
     # Only placeholder numbers (ints) are interpolated, never values.
     return f"""
@@ -235,54 +237,10 @@ def candidates_sql(*, region: int, stale_after_s: int, exclude: int, limit: int)
     """  # noqa: S608 - only placeholder numbers are interpolated
 
 
-# The generation is drawn in the same round trip (a CTE with a volatile
-# function runs exactly once); LEFT JOIN LATERAL keeps the row, and so the
-# generation, when there is no candidate.
-_ASSIGNMENT_CANDIDATES = f"""
-WITH g AS (SELECT nextval('meeting_generation_seq') AS generation)
-SELECT g.generation, c.controller_id, c.grpc_endpoint, c.webtransport_endpoint,
-       c.current_meetings, c.max_meetings
-FROM g LEFT JOIN LATERAL (
-    {candidates_sql(region=1, stale_after_s=2, exclude=3, limit=4)}
-) AS c ON true
-ORDER BY c.rank
-"""  # noqa: S608 - only placeholder numbers are interpolated
-
 _LIVE_ENDPOINTS = """
 SELECT controller_id, grpc_endpoint FROM meeting_controllers
 WHERE health_status = 'healthy' AND last_heartbeat_at > now() - make_interval(secs => $1)
 """
-
-
-@translate_errors
-@timed(DB_QUERY_SECONDS, "mc_assignment_candidates")
-async def assignment_candidates(
-    pool: asyncpg.Pool,
-    *,
-    region: str,
-    stale_after_s: float,
-    exclude: Sequence[str],
-    limit: int = 5,
-) -> tuple[int, list[McCandidate]]:
-    """A new generation (the fencing token of this attempt, strictly greater
-    than every one drawn before) and the top ``limit`` MCs a meeting may go
-    to: ``healthy``, heartbeating within ``stale_after_s`` (database clock),
-    in ``region``, with room, not in ``exclude``; least loaded (by ratio)
-    first, then freshest heartbeat. One statement."""
-    rows = await pool.fetch(_ASSIGNMENT_CANDIDATES, region, stale_after_s, list(exclude), limit)
-    candidates = [
-        McCandidate(
-            controller_id=row["controller_id"],
-            grpc_endpoint=row["grpc_endpoint"],
-            webtransport_endpoint=row["webtransport_endpoint"],
-            current_meetings=row["current_meetings"],
-            max_meetings=row["max_meetings"],
-        )
-        for row in rows
-        if row["controller_id"] is not None
-    ]
-    generation: int = rows[0]["generation"]
-    return generation, candidates
 
 
 @translate_errors
