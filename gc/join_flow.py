@@ -14,10 +14,12 @@ fences the winner out. So one join per meeting and region holds a lease
 concurrent joins of that meeting wait for its result instead of calling MCs
 of their own. Every generation of a meeting is drawn by the lease holder, so
 the recorded assignment always carries the newest one. The record statement
-still refuses to replace a live assignment and requires the lease, so even a
-holder whose lease expired mid-flight (a stalled GC) cannot win against a
-newer holder; its MC's meeting has the older generation and is fenced out or
-ends as empty (``MC_EMPTY_MEETING_TIMEOUT_S``).
+still refuses to replace a live assignment (other than the one the attempt
+judged gone, should its MC come back meanwhile: the newer generation has
+fenced it out) and requires the lease, so even a holder whose lease expired
+mid-flight (a stalled GC) cannot win against a newer holder; its MC's
+meeting has the older generation and is fenced out or ends as empty
+(``MC_EMPTY_MEETING_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -256,25 +258,29 @@ class JoinService:
             timeout_s=self._statement_timeout_s,
         )
 
-    async def _live_assignment(self, meeting: MeetingRow) -> ActiveAssignment | None:
-        existing = await assignments.find_active(
+    async def _current_active(self, meeting: MeetingRow) -> ActiveAssignment | None:
+        """The active assignment (live or not), read now."""
+        return await assignments.find_active(
             self._pool,
             meeting_id=meeting.meeting_id,
             region=self._region,
             stale_after_s=self._staleness(),
             timeout_s=self._statement_timeout_s,
         )
+
+    async def _live_assignment(self, meeting: MeetingRow) -> ActiveAssignment | None:
+        existing = await self._current_active(meeting)
         return existing if existing is not None and existing.mc_live else None
 
-    async def _live_at_start(
+    async def _active_at_start(
         self, meeting: MeetingRow, start: assignments.AttemptStart
     ) -> ActiveAssignment | None:
-        """The live assignment another holder may have recorded before we
-        took the lease; read again when the attempt's snapshot missed it."""
+        """The active assignment (live or not) when the attempt began - a
+        live one another holder may have recorded before we took the lease;
+        read again when the attempt's snapshot missed it."""
         if not start.snapshot_current:
-            return await self._live_assignment(meeting)
-        active = start.active
-        return active if active is not None and active.mc_live else None
+            return await self._current_active(meeting)
+        return start.active
 
     async def _release_lease(self, meeting: MeetingRow, holder: uuid.UUID) -> None:
         """Bounded and best effort: lets the waiting joins try at once instead
@@ -294,9 +300,9 @@ class JoinService:
         self, meeting: MeetingRow, holder: uuid.UUID, start: assignments.AttemptStart
     ) -> JoinResult:
         # Another holder may have recorded between our lookup and our lease.
-        existing = await self._live_at_start(meeting, start)
-        if existing is not None:
-            return JoinResult(meeting, existing, assigned=False)
+        active = await self._active_at_start(meeting, start)
+        if active is not None and active.mc_live:
+            return JoinResult(meeting, active, assigned=False)
         chosen_mhs = choose_media_handlers(start.mh_candidates)
         if chosen_mhs is None:
             raise ServiceUnavailable(
@@ -313,9 +319,9 @@ class JoinService:
                 start = await self._begin_attempt(meeting, holder, excluded=excluded)
                 if not start.taken:
                     raise _LeaseLost
-                existing = await self._live_at_start(meeting, start)
-                if existing is not None:
-                    return JoinResult(meeting, existing, assigned=False)
+                active = await self._active_at_start(meeting, start)
+                if active is not None and active.mc_live:
+                    return JoinResult(meeting, active, assigned=False)
             controller = choose_controller(start.mc_candidates, self._rng)
             if controller is None:
                 if attempt == 0:
@@ -352,6 +358,9 @@ class JoinService:
                 backup_mh_id=backup.handler_id if backup is not None else None,
                 holder=holder,
                 stale_after_s=self._staleness(),
+                # The assignment judged gone (its MC may come back while we
+                # call ours: ours fences it out, so the row follows).
+                replaces=active.generation if active is not None else None,
                 timeout_s=self._statement_timeout_s,
             )
             if recorded.won and recorded.assignment is not None:

@@ -26,6 +26,8 @@ arriving afterwards):
 * :class:`Fail` ``(status, message)`` - ends the call with that gRPC status;
 * :class:`Delay` ``(seconds, then)`` - waits on the loop clock (trio's, so a
   ``MockClock`` drives it), then behaves like ``then``;
+* :class:`Gate` ``(opened, then)`` - waits until the test sets the
+  ``asyncio.Event`` ``opened``, then behaves like ``then``;
 * :data:`DISCONNECT` / :class:`Disconnect` - drops the TCP connection
   mid-call (a transport failure at the client);
 * :class:`Script` ``(*steps)`` - call *n* gets step *n*; the last step
@@ -115,6 +117,15 @@ class Disconnect:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Wait until the test sets ``opened`` (``.set()`` from trio-flavoured
+    code is fine: same thread), then behave like ``then``."""
+
+    opened: asyncio.Event
+    then: Behaviour
+
+
 class Script:
     """One step per call, in order; the last step repeats."""
 
@@ -146,7 +157,9 @@ class HugePrefix:
     length: int = 2**32 - 1
 
 
-Behaviour = Accept | Reject | Stall | Fail | Delay | Disconnect | Script | Oversize | HugePrefix
+Behaviour = (
+    Accept | Reject | Stall | Fail | Delay | Gate | Disconnect | Script | Oversize | HugePrefix
+)
 
 
 def _varint(value: int) -> bytes:
@@ -328,6 +341,9 @@ class FakeMc:
                 raise GRPCError(status, message)
             case Delay(seconds=seconds, then=then):
                 await asyncio.sleep(seconds)
+                await self._act(then, stream)
+            case Gate(opened=opened, then=then):
+                await opened.wait()
                 await self._act(then, stream)
             case Disconnect():
                 # The client sees its connection lost mid-call; grpclib then

@@ -181,13 +181,14 @@ async def record(
     primary: str = "mh-1",
     backup: str | None = "mh-2",
     region: str = REGION,
+    replaces: int | None = None,
 ) -> RecordOutcome:
     if generation is None:
         generation = await next_generation(pool)
     return await run_aio(
         assignments.record, pool, meeting_id=meeting_id, region=region,
         controller_id=controller_id, generation=generation, gc_id=GC_ID, primary_mh_id=primary,
-        backup_mh_id=backup, holder=holder, stale_after_s=STALE,
+        backup_mh_id=backup, holder=holder, stale_after_s=STALE, replaces=replaces,
     )  # fmt: skip
 
 
@@ -602,6 +603,31 @@ async def test_record_never_replaces_a_live_assignment(fleet: asyncpg.Pool) -> N
     assert await mc_load(fleet, "mc-1", "mc-2") == [1, 0]
     assert await mh_load(fleet, "mh-1", "mh-2") == [1, 1]
     # A lost record has no more use for its lease.
+    assert await lease_rows(fleet) == []
+
+
+async def test_record_replaces_the_live_assignment_its_attempt_judged_gone(
+    fleet: asyncpg.Pool,
+) -> None:
+    """mc-1 was not live when the attempt read (``replaces`` = its
+    generation) and came back before the record: the MC that accepted the
+    newer generation has fenced it out, so the row follows the fence. Any
+    other live row (a generation the attempt did not judge) still stands."""
+    meeting_id = uuid.uuid4()
+    await lease_and_record(fleet, meeting_id, "mc-1", generation=10)
+    holder = uuid.uuid4()
+    assert await acquire(fleet, meeting_id, holder)
+    # Not the row the attempt judged (it saw generation 9): refused.
+    refused = await record(fleet, meeting_id, "mc-2", holder, generation=11, replaces=9)
+    assert refused == RecordOutcome(False, expected(meeting_id, "mc-1", 10))
+    holder = uuid.uuid4()
+    assert await acquire(fleet, meeting_id, holder)
+    outcome = await record(fleet, meeting_id, "mc-2", holder, generation=12, replaces=10)
+    assert outcome == RecordOutcome(True, expected(meeting_id, "mc-2", 12))
+    [row] = await assignment_rows(fleet)
+    assert (row["meeting_controller_id"], row["generation"], row["ended_at"]) == ("mc-2", 12, None)
+    # mc-1's estimate is left to its next heartbeat, as for a dead MC.
+    assert await mc_load(fleet, "mc-1", "mc-2") == [1, 1]
     assert await lease_rows(fleet) == []
 
 

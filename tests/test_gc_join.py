@@ -10,6 +10,7 @@ The fleet set-up helpers are in :mod:`gc_fleet`.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -36,7 +37,7 @@ from gc_fleet import (
 )
 from gc_harness import DevKeys, RunningGc, gc_environ, running_gc
 from grpclib.const import Status
-from mc_fakes import ACCEPT, DISCONNECT, Behaviour, Fail, FakeMc, Reject
+from mc_fakes import ACCEPT, DISCONNECT, Behaviour, Fail, FakeMc, Gate, Reject
 
 from darktower.gc.join_errors import MeetingNotFound, ServiceUnavailable
 from darktower.gc.join_flow import JoinResult
@@ -133,6 +134,61 @@ async def test_assignment_of_an_unhealthy_mc_is_replaced(
         rows = await assignment_rows(db_pool)
         # One row per meeting and region: the dead MC's assignment is gone.
         assert [(r["meeting_controller_id"], r["ended_at"]) for r in rows] == [("mc-2", None)]
+
+
+async def test_mc_back_to_life_during_the_attempt_stays_replaced(
+    db_pool: asyncpg.Pool, gc_token: str
+) -> None:
+    """mc-1 is unhealthy when the join reads, so it asks mc-2, which accepts
+    the newer generation (a real MC claims the meeting in Redis with it,
+    fencing mc-1 out). mc-1 heartbeats back to health while mc-2 answers:
+    the record follows the fence - the joiner, and every later one, gets
+    mc-2, not the fenced-out mc-1."""
+    answer = asyncio.Event()
+    async with (
+        fakes(gc_token, ACCEPT, Gate(answer, ACCEPT)) as (mc1, mc2),
+        join_service(db_pool, gc_token) as service,
+    ):
+        await add_mc(db_pool, "mc-1", mc1.endpoint)
+        await add_mc(db_pool, "mc-2", mc2.endpoint, meetings_now=50)
+        await add_mh(db_pool, "mh-a")
+        code = await new_meeting(db_pool)
+        first = await join(service, code)
+        assert first.assignment.controller_id == "mc-1"
+        await set_mc_health(db_pool, "mc-1", "unhealthy")
+        results: list[JoinResult] = []
+
+        async def second_join() -> None:
+            results.append(await join(service, code))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second_join)
+            await mc2.wait_for_requests(1)
+            await set_mc_health(db_pool, "mc-1", "healthy")
+            answer.set()
+        [second] = results
+        assert second.assigned
+        assert second.assignment.controller_id == "mc-2"
+        assert second.assignment.generation == mc2.requests[0].generation
+        assert second.assignment.generation > first.assignment.generation
+        rows = await assignment_rows(db_pool)
+        assert [(r["meeting_controller_id"], r["generation"], r["ended_at"]) for r in rows] == [
+            ("mc-2", second.assignment.generation, None)
+        ]
+        third = await join(service, code)
+        assert (third.assigned, third.assignment.controller_id) == (False, "mc-2")
+        assert len(mc1.requests) == 1
+
+
+async def set_mc_health(pool: asyncpg.Pool, controller_id: str, health: str) -> None:
+    """Set the MC's health, with a fresh heartbeat."""
+    await run_aio(
+        pool.execute,
+        "UPDATE meeting_controllers SET health_status = $2, last_heartbeat_at = now() "
+        "WHERE controller_id = $1",
+        controller_id,
+        health,
+    )
 
 
 async def test_stale_heartbeat_counts_as_dead(db_pool: asyncpg.Pool, gc_token: str) -> None:

@@ -325,11 +325,17 @@ LEFT JOIN ({_active_sql(meeting_id=1, region=2, stale_after_s=6)}) AS active ON 
 #   (it is deleted with the other old leases, five minutes later). A record
 #   that loses marks it too; that only costs a later joiner one extra read
 #   (:func:`find_active`), never a wrong answer.
-# * ``won`` inserts, or replaces an ended row or an active row whose MC is not
-#   live. ON CONFLICT ... DO UPDATE ... WHERE judges the conflicting row in its
-#   newest committed version (not this statement's snapshot), so a live row a
-#   concurrent record just committed is never replaced. A generation never
-#   goes backwards (an MC holding an older one would be fenced out anyway).
+# * ``won`` inserts, or replaces an ended row, an active row whose MC is not
+#   live, or the very row the caller's attempt judged gone (``$10``, its
+#   generation; NULL when it saw none): if that MC came back to life since (a
+#   heartbeat during the attempt's MC call), the MC that accepted the newer
+#   generation has claimed the meeting in Redis and fenced it out already, so
+#   keeping it would send joins to an MC that drops the meeting - the row
+#   follows the fence. ON CONFLICT ... DO UPDATE ... WHERE judges the
+#   conflicting row in its newest committed version (not this statement's
+#   snapshot), so a live row a concurrent record just committed is never
+#   replaced. A generation never goes backwards (an MC holding an older one
+#   would be fenced out anyway).
 # * On a win, the MC's ``current_meetings`` and each MH's ``current_streams``
 #   go up by one in the same transaction, so joins before the next heartbeat
 #   see the new load; the heartbeat replaces the estimate with the truth.
@@ -361,6 +367,7 @@ WITH lease AS (
         backup_mh_id = EXCLUDED.backup_mh_id
     WHERE a.generation < EXCLUDED.generation
       AND (a.ended_at IS NOT NULL
+           OR a.generation = $10::bigint
            OR NOT EXISTS (
                SELECT 1 FROM meeting_controllers AS cur
                WHERE cur.controller_id = a.meeting_controller_id
@@ -563,11 +570,14 @@ async def record(
     backup_mh_id: str | None,
     holder: uuid.UUID,
     stale_after_s: float,
+    replaces: int | None = None,
     timeout_s: float | None = None,
 ) -> RecordOutcome:
     """Record the caller's assignment if it may: the caller must hold the
-    lease, and an active assignment whose MC is live is never replaced (an
-    ended one, or one whose MC is not live, is overwritten in place).
+    lease, and an active assignment whose MC is live is never replaced
+    unless it is the one the caller's attempt judged gone (``replaces``: its
+    generation, ``None`` if the attempt saw no active assignment); an ended
+    one, or one whose MC is not live, is overwritten in place.
 
     The lease is consumed whatever the outcome (it has no use after a record).
     On a win the MC's and the MHs' load estimates go up by one in the same
@@ -576,7 +586,7 @@ async def record(
     ``timeout_s`` bounds each statement (as for :func:`find_active`).
     """
     args = (meeting_id, region, holder, controller_id, generation, gc_id, primary_mh_id,
-            backup_mh_id, stale_after_s)  # fmt: skip
+            backup_mh_id, stale_after_s, replaces)  # fmt: skip
     row = await pool.fetchrow(_RECORD, *args, timeout=timeout_s)
     if row is not None:
         return RecordOutcome(won=True, assignment=assignment_from_row(row))
