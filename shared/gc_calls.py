@@ -11,6 +11,7 @@ grpclib ``GRPCError`` with ``NOT_FOUND``                :class:`NotRegistered`
 any other ``GRPCError`` status                          :class:`GcUnavailable`
 ``StreamTerminatedError``, ``ProtocolError``            :class:`GcUnavailable`
 ``OSError`` (refused, reset, unreachable), timeouts     :class:`GcUnavailable`
+grpclib's closed ``Connection`` (lost before the call)  :class:`GcUnavailable`
 =====================================================  =====================
 
 Nothing above this module catches grpclib exceptions by name. Messages name
@@ -23,6 +24,15 @@ and a failed connect just raises. So a GC that comes back is reached by the
 very next call. grpclib has no connect timeout either; :meth:`GcChannel.call`
 bounds the connect itself before each RPC, then the RPC by what is left of
 its deadline (which grpclib also sends to the server as ``grpc-timeout``).
+
+A connection lost between being made and carrying the request - a peer that
+accepts and at once resets, as a load balancer with no live GC behind it
+does - is not caught by grpclib 0.4: ``send_request`` opens its stream on the
+``Connection`` without checking that it is still open, and a closed one has
+dropped its transport, so the call fails with ``AttributeError: 'Connection'
+object has no attribute '_transport'``. Exactly that error (that attribute,
+of that class) is transport trouble here; any other ``AttributeError`` is a
+bug and propagates.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import trio
 from grpclib.client import Channel, UnaryUnaryMethod
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import Connection
 
 from darktower.shared.config import Secret
 from darktower.shared.seam import run_aio
@@ -99,7 +110,19 @@ def translate(rpc: str, exc: BaseException) -> GcError | None:
     if isinstance(exc, OSError):
         reason = exc.strerror or type(exc).__name__
         return GcUnavailable(f"{rpc}: connection failed ({reason})", code="TRANSPORT")
+    if _is_closed_connection(exc):
+        return GcUnavailable(f"{rpc}: connection lost", code="TRANSPORT")
     return None
+
+
+def _is_closed_connection(exc: BaseException) -> bool:
+    """grpclib's stream opened on a ``Connection`` that was closed meanwhile
+    (see the module docstring)."""
+    return (
+        isinstance(exc, AttributeError)
+        and exc.name == "_transport"
+        and isinstance(exc.obj, Connection)
+    )
 
 
 def gc_host_port(url: str) -> tuple[str, int, bool]:

@@ -18,6 +18,11 @@ Open loop. :class:`JoinLoad` sends joins on a fixed schedule whatever the
 answers do (each join is its own task), so a slow or failing GC shows up as
 latency and errors instead of silently lowering the offered load.
 
+One address for the GCs. An MC (and an MH) knows one GC address; in
+production it is a load-balanced name in front of the region's GCs. A fleet
+started with ``front=True`` gives them that: a :class:`GcFront` in the test
+process, in front of every GC of the fleet.
+
 Every wait here is a bounded poll of what the processes publish (database
 rows, ``/metrics``, Redis, :func:`process_harness.eventually`), never a
 sleep standing in for synchronisation.
@@ -29,10 +34,12 @@ import functools
 import itertools
 import json
 import signal
+import socket
+import struct
 import subprocess
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -218,6 +225,9 @@ class Fleet:
     #: Every meeting created through :meth:`create_meeting` (their Redis
     #: keys are deleted when the fleet stops).
     meetings: list[Meeting] = field(default_factory=list)
+    #: What the MCs and MHs reach the GCs through, in a fleet started with
+    #: ``front=True`` (else each MC reaches its own GC directly).
+    front: GcFront | None = None
 
     @property
     def gc(self) -> GcProcess:
@@ -340,12 +350,17 @@ def fleet_gc_environ(keys: DevKeys, dsn: str, gc_id: str, timing: DrillTiming) -
     return gc_environ(keys, dsn, GC_ID=gc_id, **timing.gc_overrides())
 
 
+def grpc_url(gc: GcProcess) -> str:
+    """Where ``gc``'s gRPC services are, as an MC or MH is told."""
+    return f"http://127.0.0.1:{gc.grpc_port}"
+
+
 def mc_environ(
-    keys: DevKeys, gc: GcProcess, redis_url: str, mc_id: str, timing: DrillTiming
+    keys: DevKeys, gc_url: str, redis_url: str, mc_id: str, timing: DrillTiming
 ) -> dict[str, str]:
     return {
         "REDIS_URL": redis_url,
-        "GC_GRPC_URL": f"http://127.0.0.1:{gc.grpc_port}",
+        "GC_GRPC_URL": gc_url,
         "AUTH_JWKS": str(keys.jwks_path),
         "MC_SERVICE_TOKEN": keys.mc_token(mc_id),
         "MC_LOG_LEVEL": "INFO",
@@ -354,14 +369,14 @@ def mc_environ(
 
 @asynccontextmanager
 async def mh_sim_process(
-    keys: DevKeys, gc: GcProcess, workdir: Path, count: int
+    keys: DevKeys, gc_url: str, workdir: Path, count: int
 ) -> AsyncIterator[tuple[str, ...]]:
     """``dt mh-sim`` (its module, as ``dt up`` starts it) with ``count`` MHs
-    ``mh-drill-1`` ... (zones round-robin) reporting to ``gc``; yields their
-    ids once its ready line says the GC took every MH's first report.
-    Stopped with SIGTERM (killed if it lingers)."""
+    ``mh-drill-1`` ... (zones round-robin) reporting to the GC at
+    ``gc_url``; yields their ids once its ready line says the GC took every
+    MH's first report. Stopped with SIGTERM (killed if it lingers)."""
     argv = mh_sim_cmd.command(
-        gc_url=f"http://127.0.0.1:{gc.grpc_port}",
+        gc_url=gc_url,
         count=count,
         keys_dir=keys.directory,
         id_prefix=MH_ID_PREFIX,
@@ -401,6 +416,94 @@ async def mh_sim_process(
                 await process.wait()
 
 
+#: Bytes read at once by :class:`GcFront` (heartbeats are far smaller).
+_FRONT_CHUNK = 65536
+
+
+class GcFront:
+    """One address in front of several GCs, as a load-balanced name is in
+    production: a TCP forwarder on loopback, run by the test process.
+
+    Each connection made to :attr:`port` goes to the next GC in turn
+    (round-robin over ``grpc_ports``) that accepts a connection, and its bytes
+    are copied both ways unchanged (gRPC passes through); when the GC hangs
+    up, so does the front. With no GC accepting, the connection is reset at
+    once - a balancer with no live backend - so the caller's call fails
+    (``GcUnavailable``, transport) and its next call tries again. A GC that
+    comes back is reached by the first connection made after it listens.
+    Trio-flavoured; serves until cancelled (:func:`gc_front`).
+    """
+
+    def __init__(self, grpc_ports: Sequence[int]) -> None:
+        if not grpc_ports:
+            raise ValueError("a front needs GCs behind it")
+        self._ports = tuple(grpc_ports)
+        self._turn = itertools.count()
+        self.port = 0
+        #: Connections handed to each GC port, and those reset for want of one.
+        self.forwarded: Counter[int] = Counter()
+        self.reset = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._forward, listeners)
+            task_status.started(self.port)
+
+    async def _forward(self, client: trio.SocketStream) -> None:
+        async with client:
+            upstream = await self._connect()
+            if upstream is None:
+                self.reset += 1
+                # Linger 0: closing sends RST, not FIN.
+                client.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                return
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(_copy, client, upstream, nursery.cancel_scope)
+                nursery.start_soon(_copy, upstream, client, nursery.cancel_scope)
+
+    async def _connect(self) -> trio.SocketStream | None:
+        first = next(self._turn)
+        for n in range(len(self._ports)):
+            port = self._ports[(first + n) % len(self._ports)]
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                continue
+            self.forwarded[port] += 1
+            return stream
+        return None
+
+
+async def _copy(source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:
+    """Copy ``source`` to ``sink`` until either ends or breaks; then end both
+    directions (``both`` is the connection's scope)."""
+    try:
+        while data := await source.receive_some(_FRONT_CHUNK):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        both.cancel()
+
+
+@asynccontextmanager
+async def gc_front(grpc_ports: Sequence[int]) -> AsyncIterator[GcFront]:
+    """A :class:`GcFront` over ``grpc_ports``, serving for the block."""
+    front = GcFront(grpc_ports)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(front.run)
+        yield front
+        nursery.cancel_scope.cancel()
+
+
 async def _forget_meetings(redis_url: str, meeting_ids: Sequence[str]) -> None:
     redis: coredis.Redis[Any] = coredis.Redis.from_url(redis_url)
     async with redis:
@@ -419,11 +522,15 @@ async def running_fleet(
     mcs_by_gc: Mapping[str, Sequence[str]] | None = None,
     mh_count: int = 2,
     timing: DrillTiming = DrillTiming(),
+    front: bool = False,
 ) -> AsyncIterator[Fleet]:
     """A GC for each id of ``mcs_by_gc`` (all on ``dsn``; by default
     :data:`GC_ID` alone, with :data:`MC_IDS`) and the MCs named there,
     pointing at it; ``mh_count`` simulated MHs (none: no simulator)
-    reporting to the first GC. Each is a process; every MC and MH is
+    reporting to the first GC. With ``front``, every MC and MH points at a
+    :class:`GcFront` over all the GCs instead (:attr:`Fleet.front`; the
+    grouping of ``mcs_by_gc`` then only orders the MCs' start, and the front
+    spreads their connections). Each is a process; every MC and MH is
     ``healthy`` in the GC's database when the block begins. Processes still
     running at the end are killed; the Redis keys of the meetings created
     through :meth:`Fleet.create_meeting` are deleted once no MC is left to
@@ -447,16 +554,24 @@ async def running_fleet(
             for gc_id in mcs_by_gc
         ]
         await wait_all_ready(gcs)
+        # Entered before the MCs: it still serves while they are stopped.
+        the_front = (
+            await stack.enter_async_context(gc_front([gc.grpc_port for gc in gcs]))
+            if front
+            else None
+        )
         mcs: dict[str, GcProcess] = {}
         for gc, mc_ids in zip(gcs, mcs_by_gc.values(), strict=True):
+            gc_url = the_front.url if the_front is not None else grpc_url(gc)
             for mc_id in mc_ids:
-                environ = mc_environ(keys, gc, redis_url, mc_id, timing)
+                environ = mc_environ(keys, gc_url, redis_url, mc_id, timing)
                 mcs[mc_id] = await stack.enter_async_context(mc_process(environ, workdir, mc_id))
         await wait_all_ready(mcs.values())
         mh_ids: tuple[str, ...] = ()
         if mh_count:
+            mh_url = the_front.url if the_front is not None else grpc_url(gcs[0])
             mh_ids = await stack.enter_async_context(
-                mh_sim_process(keys, gcs[0], workdir, mh_count)
+                mh_sim_process(keys, mh_url, workdir, mh_count)
             )
         # No connection floor: a drill that stops PostgreSQL must not have
         # this pool reconnecting (and logging) through the outage.
@@ -469,7 +584,9 @@ async def running_fleet(
                 limits=httpx.Limits(max_connections=500, max_keepalive_connections=100),
             )
         )
-        fleet = Fleet(keys, dsn, redis_url, timing, workdir, gcs, mcs, mh_ids, http, db, created)
+        fleet = Fleet(
+            keys, dsn, redis_url, timing, workdir, gcs, mcs, mh_ids, http, db, created, the_front
+        )
 
         async def all_healthy() -> bool:
             controllers = await fleet.controllers()

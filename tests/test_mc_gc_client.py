@@ -4,6 +4,7 @@ in-process, and the GC task driving it end to end."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,9 @@ pytest_plugins = ("gc_fixtures",)
 
 #: Trio-clock guard on every test that does I/O (real clock here).
 GUARD_S = 20
+#: Calls against a resetting peer: with about a third of them hitting
+#: grpclib's closed connection, a regression shows with certainty.
+RESET_CALLS = 30
 
 
 def url(gc: RunningGc) -> str:
@@ -164,6 +168,34 @@ async def test_silent_gc_hits_the_deadline(aio_loop: None, keys: DevKeys) -> Non
         nursery.cancel_scope.cancel()
     assert caught.value.code == "DEADLINE_EXCEEDED"
     assert 0.4 <= elapsed < 2.0
+
+
+async def test_a_peer_that_accepts_and_resets_is_unavailable_never_a_crash(
+    aio_loop: None, keys: DevKeys
+) -> None:
+    """A balancer with no live GC behind it accepts and resets at once. Many
+    of those resets land between grpclib's connect and its request (about a
+    third of the calls here), where grpclib 0.4 fails with an
+    ``AttributeError`` of its closed connection: an MC once exited on it
+    (drill 5, the GCs down behind a front). Every call is ``GcUnavailable``."""
+
+    async def reset(stream: trio.SocketStream) -> None:
+        # Linger 0: closing sends RST.
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, reset, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with open_gc_client(
+            f"http://127.0.0.1:{port}", Secret(keys.mc_token("mc-1"))
+        ) as client:
+            with trio.fail_after(GUARD_S):
+                for _ in range(RESET_CALLS):
+                    with pytest.raises(GcUnavailable) as caught:
+                        await client.fast_heartbeat(fast("mc-1"))
+                    assert caught.value.code == "TRANSPORT", caught.value
+        nursery.cancel_scope.cancel()
 
 
 async def test_same_client_reaches_a_restarted_gc_at_once(
