@@ -15,8 +15,8 @@ concurrent joins of that meeting wait for its result instead of calling MCs
 of their own. Every generation of a meeting is drawn by the lease holder, so
 the recorded assignment always carries the newest one. The record statement
 still refuses to replace a live assignment (other than the one the attempt
-judged gone, should its MC come back meanwhile: the newer generation has
-fenced it out) and requires the lease, so even a holder whose lease expired
+judged gone, should its MC come back meanwhile: the newer generation's claim
+fences it out of Redis) and requires the lease, so even a holder whose lease expired
 mid-flight (a stalled GC) cannot win against a newer holder; its MC's
 meeting has the older generation and is fenced out or ends as empty
 (``MC_EMPTY_MEETING_TIMEOUT_S``).
@@ -359,7 +359,7 @@ class JoinService:
                 holder=holder,
                 stale_after_s=self._staleness(),
                 # The assignment judged gone (its MC may come back while we
-                # call ours: ours fences it out, so the row follows).
+                # call ours: our MC's claim fences it out, the row follows).
                 replaces=active.generation if active is not None else None,
                 timeout_s=self._statement_timeout_s,
             )

@@ -85,7 +85,7 @@ ASSIGNMENT_RETRIES = Counter(
 )
 MEETING_ENDED_NOTIFICATIONS = Counter(
     "gc_meeting_ended_notifications",
-    "NotifyMeetingEnded calls by result (ended, not_owner)",
+    "NotifyMeetingEnded calls by result (ended, not_owner, stale_generation)",
     ["result"],
     registry=REGISTRY,
 )

@@ -21,6 +21,7 @@ from darktower.gc import registry_requests as req
 from darktower.gc.heartbeat_batcher import HeartbeatBatcher
 from darktower.gc.metrics import HEARTBEATS, MEETING_ENDED_NOTIFICATIONS, REGISTRATIONS
 from darktower.gc.repositories import assignments, media_handlers, meeting_controllers
+from darktower.gc.repositories.assignments import EndOutcome
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.grpc_server import (
@@ -131,22 +132,31 @@ class GlobalControllerService(internal_grpc.GlobalControllerServiceBase):
         an error, the MC did nothing wrong."""
         ended = req.meeting_ended(await recv_request(stream))
         controller_id = current_claims().sub
-        owned = await assignments.end_by_owner(
+        if ended.generation == 0:
+            # Accepted, but worth seeing: every MC of this project sends one.
+            log.warning(
+                "meeting_ended_without_generation",
+                meeting_id=str(ended.meeting_id),
+                controller_id=controller_id,
+            )
+        outcome = await assignments.end_by_owner(
             self._pool,
             meeting_id=ended.meeting_id,
             region=ended.region,
             controller_id=controller_id,
             generation=ended.generation,
         )
-        MEETING_ENDED_NOTIFICATIONS.labels("ended" if owned else "not_owner").inc()
+        MEETING_ENDED_NOTIFICATIONS.labels(outcome.value).inc()
         log.info(
             "meeting_ended",
             meeting_id=str(ended.meeting_id),
             controller_id=controller_id,
             generation=ended.generation,
-            owner=owned,
+            result=outcome.value,
         )
-        await stream.send_message(pb.NotifyMeetingEndedResponse(acknowledged=owned))
+        await stream.send_message(
+            pb.NotifyMeetingEndedResponse(acknowledged=outcome is EndOutcome.ENDED)
+        )
 
 
 class MediaHandlerRegistryService(internal_grpc.MediaHandlerRegistryServiceBase):

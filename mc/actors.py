@@ -27,11 +27,11 @@ Ending. A meeting ends when nobody joined within ``empty_meeting_timeout_s``
 (this also releases orphans from a lost assignment race, SPEC §6.3 step 8),
 when its last participant leaves, on :meth:`MeetingControllerActor.stop_meeting`,
 when fenced out, or when its actor fails. Its ledger slot is released first,
-then ``on_meeting_ended(meeting_id, reason)`` is awaited once (bounded by
-``notify_timeout_s``) — except when fenced out (another MC owns the meeting
-now; the GC accepts the notification only from the owner) and when the
-controller itself is cancelled (shutdown: nothing may be awaited then, and the
-GC learns from the MC's registration state).
+then ``on_meeting_ended(meeting_id, generation, reason)`` is awaited once
+(bounded by ``notify_timeout_s``) — also when fenced out (the GC ends only
+this MC's own assignment at that generation or older, never the new
+owner's), but not when the controller itself is cancelled (shutdown: nothing
+may be awaited then, and the GC learns from the MC's registration state).
 """
 
 from __future__ import annotations
@@ -467,8 +467,10 @@ class MeetingControllerActor:
                 actor.end_reason = EndReason.SHUTDOWN
             self._forget(actor)
         reason = actor.end_reason
-        if reason is EndReason.FENCED_OUT:
-            return
+        # Fenced out too: the GC ends only this MC's own assignment at this
+        # generation or older, so the new owner's stands, while a row still
+        # naming this MC (the newer assignment lost its record) is ended and
+        # joins go elsewhere instead of to a meeting no longer hosted here.
         log.info("meeting_ended", meeting_id=meeting_id, reason=reason.value)
         with trio.move_on_after(self._notify_timeout_s) as scope:
             try:
@@ -530,9 +532,10 @@ class MeetingControllerActor:
         return True
 
     def fenced_out(self, meeting_id: str) -> bool:
-        """Another MC owns the meeting (SPEC §7.3): stop it without notifying
-        the GC, count it and log at error level. Also frees a slot that was
-        only reserved. Returns whether the meeting was held here."""
+        """Another MC owns the meeting (SPEC §7.3): stop it, count it and log
+        at error level; ``on_meeting_ended`` follows with ``fenced_out`` and
+        the generation it was hosted under. Also frees a slot that was only
+        reserved. Returns whether the meeting was held here."""
         self._count_fenced_out()
         log.error("fenced out of meeting", meeting_id=meeting_id)
         if self.stop_meeting(meeting_id, EndReason.FENCED_OUT):

@@ -18,7 +18,7 @@ import coredis
 import psutil
 import trio
 
-from darktower.mc.actors import MeetingControllerActor, OnMeetingEnded
+from darktower.mc.actors import EndReason, MeetingControllerActor, OnMeetingEnded
 from darktower.mc.assignment import Assigner
 from darktower.mc.assignment_service import POLICY, MeetingControllerService
 from darktower.mc.capacity import CapacityLedger
@@ -193,14 +193,18 @@ def _meeting_ended(
         assignment not newer than that, so a late report cannot end a later
         assignment of the meeting to this MC). Failures are logged: the
         tombstone's absence only leaves keys a newer claim takes over, and
-        the GC's cleanup ends stale assignments anyway."""
-        try:
-            released = await store.release(meeting_id, generation, mc_id)
-            log.info(
-                "meeting_state_released", meeting_id=meeting_id, outcome=released.outcome.value
-            )
-        except (RedisUnavailable, MeetingStateError) as exc:
-            log.warning("meeting_state_release_failed", meeting_id=meeting_id, error=str(exc))
+        the GC's cleanup ends stale assignments anyway. A meeting fenced out
+        has no state here to release: it is the new owner's."""
+        if reason != EndReason.FENCED_OUT:
+            try:
+                released = await store.release(meeting_id, generation, mc_id)
+                log.info(
+                    "meeting_state_released",
+                    meeting_id=meeting_id,
+                    outcome=released.outcome.value,
+                )
+            except (RedisUnavailable, MeetingStateError) as exc:
+                log.warning("meeting_state_release_failed", meeting_id=meeting_id, error=str(exc))
         try:
             await gc_client.notify_meeting_ended(
                 pb.NotifyMeetingEndedRequest(

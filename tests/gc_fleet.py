@@ -133,6 +133,15 @@ async def add_mh(
     )
 
 
+async def set_mc_health(pool: asyncpg.Pool, controller_id: str, health: str) -> None:
+    """The MC reports ``health`` in a heartbeat (a fresh one; its meeting
+    count unchanged)."""
+    row = await run_aio(meeting_controllers.get, pool, controller_id)
+    assert row is not None
+    hb = McHeartbeat(controller_id, row.current_meetings, 0, health)
+    assert controller_id in await run_aio(meeting_controllers.heartbeat_batch, pool, [hb])
+
+
 async def new_meeting(pool: asyncpg.Pool, *, org: uuid.UUID = ORG, guests: bool = False) -> str:
     """A new meeting of ``org``; its code."""
     row = await run_aio(

@@ -130,6 +130,7 @@ async def add_assignment(
         primary_mh_id=primary,
         backup_mh_id=backup,
         holder=holder,
+        replaces=None,
         stale_after_s=30,
     )
     assert outcome.won

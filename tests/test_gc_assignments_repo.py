@@ -22,6 +22,7 @@ from typing import cast
 import asyncpg
 import pytest
 import trio
+from gc_fleet import set_mc_health
 
 from darktower.gc.registry_requests import McHeartbeat, McRegistration, MhLoadReport, MhRegistration
 from darktower.gc.repositories import assignments, media_handlers, meeting_controllers
@@ -29,6 +30,7 @@ from darktower.gc.repositories.assignments import (
     ActiveAssignment,
     AssignedMh,
     AssignmentSummary,
+    EndOutcome,
     RecordOutcome,
 )
 from darktower.gc.repositories.media_handlers import MhCandidate
@@ -90,12 +92,6 @@ async def add_mh(
     if health != "pending":
         report = MhLoadReport(handler_id, streams, health, 1.0, 2.0, 3.0)
         assert await run_aio(media_handlers.load_report, pool, report) is not None
-
-
-async def set_mc_health(pool: asyncpg.Pool, controller_id: str, health: str) -> None:
-    row = await mc_row(pool, controller_id)
-    hb = McHeartbeat(controller_id, row.current_meetings, 0, health)
-    assert controller_id in await run_aio(meeting_controllers.heartbeat_batch, pool, [hb])
 
 
 async def backdate(pool: asyncpg.Pool, kind: str, seconds: float, *ids: str) -> None:
@@ -313,7 +309,7 @@ async def test_find_active_ignores_ended_assignments(fleet: asyncpg.Pool) -> Non
     assert outcome.assignment is not None
     assert await run_aio(assignments.end_by_owner, fleet, meeting_id=meeting_id, region=REGION,
                          controller_id="mc-1",
-                         generation=outcome.assignment.generation)  # fmt: skip
+                         generation=outcome.assignment.generation) is EndOutcome.ENDED  # fmt: skip
     assert await find_active(fleet, meeting_id) is None
 
 
@@ -498,7 +494,7 @@ async def test_begin_attempt_notices_a_record_its_snapshot_missed(
             # pool's fetchrow.
             assignments.record, cast(asyncpg.Pool, a_con), meeting_id=meeting_id, region=REGION,
             controller_id="mc-1", generation=generation, gc_id="gc-a", primary_mh_id="mh-1",
-            backup_mh_id="mh-2", holder=a_holder, stale_after_s=STALE,
+            backup_mh_id="mh-2", holder=a_holder, stale_after_s=STALE, replaces=None,
         )  # fmt: skip
         assert outcome.won
         result: list[assignments.AttemptStart] = []
@@ -739,23 +735,23 @@ async def test_end_by_owner_only_for_the_owning_mc(fleet: asyncpg.Pool) -> None:
     await lease_and_record(fleet, meeting_id, "mc-1", generation=3)
     assert await mc_load(fleet, "mc-1", "mc-2") == [1, 0]
 
-    async def end(controller_id: str) -> bool:
+    async def end(controller_id: str) -> EndOutcome:
         return await run_aio(assignments.end_by_owner, fleet, meeting_id=meeting_id,
                              region=REGION, controller_id=controller_id,
                              generation=3)  # fmt: skip
 
-    assert not await end("mc-2")
+    assert await end("mc-2") is EndOutcome.NOT_OWNER
     assert await find_active(fleet, meeting_id) is not None
     assert await mc_load(fleet, "mc-1", "mc-2") == [1, 0]
 
-    assert await end("mc-1")
+    assert await end("mc-1") is EndOutcome.ENDED
     [row] = await assignment_rows(fleet)
     assert row["ended_at"] is not None
     assert await mc_load(fleet, "mc-1", "mc-2") == [0, 0]
     # Ending again changes nothing; the count never goes below zero.
-    assert not await end("mc-1")
+    assert await end("mc-1") is EndOutcome.NOT_OWNER
     await run_aio(fleet.execute, "UPDATE meeting_assignments SET ended_at = NULL")
-    assert await end("mc-1")
+    assert await end("mc-1") is EndOutcome.ENDED
     assert await mc_load(fleet, "mc-1") == [0]
 
 
@@ -770,16 +766,17 @@ async def test_end_by_owner_never_ends_a_newer_assignment_of_the_owner(
         await lease_and_record(fleet, meeting_id, "mc-1", generation=10)
     assert await mc_load(fleet, "mc-1") == [3]
 
-    async def end(meeting_id: uuid.UUID, generation: int) -> bool:
+    async def end(meeting_id: uuid.UUID, generation: int) -> EndOutcome:
         return await run_aio(assignments.end_by_owner, fleet, meeting_id=meeting_id,
                              region=REGION, controller_id="mc-1",
                              generation=generation)  # fmt: skip
 
     for meeting_id in meetings:
-        assert not await end(meeting_id, 9)
+        assert await end(meeting_id, 9) is EndOutcome.STALE_GENERATION
         assert await find_active(fleet, meeting_id) == expected(meeting_id, "mc-1", 10)
     assert await mc_load(fleet, "mc-1") == [3]
-    assert [await end(m, g) for m, g in zip(meetings, (10, 11, 0), strict=True)] == [True] * 3
+    outcomes = [await end(m, g) for m, g in zip(meetings, (10, 11, 0), strict=True)]
+    assert outcomes == [EndOutcome.ENDED] * 3
     assert [r["ended_at"] is not None for r in await assignment_rows(fleet)] == [True] * 3
     assert await mc_load(fleet, "mc-1") == [0]
 

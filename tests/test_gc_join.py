@@ -34,6 +34,7 @@ from gc_fleet import (
     join_service,
     load_of,
     new_meeting,
+    set_mc_health,
 )
 from gc_harness import DevKeys, RunningGc, gc_environ, running_gc
 from grpclib.const import Status
@@ -178,17 +179,6 @@ async def test_mc_back_to_life_during_the_attempt_stays_replaced(
         third = await join(service, code)
         assert (third.assigned, third.assignment.controller_id) == (False, "mc-2")
         assert len(mc1.requests) == 1
-
-
-async def set_mc_health(pool: asyncpg.Pool, controller_id: str, health: str) -> None:
-    """Set the MC's health, with a fresh heartbeat."""
-    await run_aio(
-        pool.execute,
-        "UPDATE meeting_controllers SET health_status = $2, last_heartbeat_at = now() "
-        "WHERE controller_id = $1",
-        controller_id,
-        health,
-    )
 
 
 async def test_stale_heartbeat_counts_as_dead(db_pool: asyncpg.Pool, gc_token: str) -> None:

@@ -287,7 +287,7 @@ async def assign(pool: asyncpg.Pool, meeting_id: uuid.UUID, generation: int) -> 
     outcome = await run_aio(
         assignments.record, pool, meeting_id=meeting_id, region=REGION, controller_id="mc-1",
         generation=generation, gc_id="gc-1", primary_mh_id="mh-1", backup_mh_id="mh-2",
-        holder=holder, stale_after_s=STALE,
+        holder=holder, stale_after_s=STALE, replaces=None,
     )  # fmt: skip
     assert outcome.won
 
@@ -341,8 +341,9 @@ async def test_find_for_join_ignores_an_ended_assignment(db_pool: asyncpg.Pool) 
     await add_fleet(db_pool)
     meeting = await create(db_pool)
     await assign(db_pool, meeting.meeting_id, 3)
-    assert await run_aio(assignments.end_by_owner, db_pool, meeting_id=meeting.meeting_id,
-                         region=REGION, controller_id="mc-1", generation=3)  # fmt: skip
+    ended = await run_aio(assignments.end_by_owner, db_pool, meeting_id=meeting.meeting_id,
+                          region=REGION, controller_id="mc-1", generation=3)  # fmt: skip
+    assert ended is assignments.EndOutcome.ENDED
     lookup = await find(db_pool, meeting.meeting_code)
     assert lookup is not None
     assert lookup.assignment is None
@@ -512,6 +513,7 @@ async def test_find_for_join_notices_a_record_its_snapshot_missed(
             assignments.record, cast(asyncpg.Pool, a_con), meeting_id=meeting.meeting_id,
             region=REGION, controller_id="mc-1", generation=generation, gc_id="gc-a",
             primary_mh_id="mh-1", backup_mh_id="mh-2", holder=a_holder, stale_after_s=STALE,
+            replaces=None,
         )  # fmt: skip
         assert outcome.won
         result: list[JoinLookup | None] = []

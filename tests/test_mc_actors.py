@@ -250,8 +250,10 @@ async def test_fenced_out_stops_and_counts(autojump_clock: trio.testing.MockCloc
         await trio.testing.wait_all_tasks_blocked()
         assert handle.end_reason is EndReason.FENCED_OUT
         assert recorder.fenced == 1
-        # Another MC owns it: the GC is not told by us.
-        assert recorder.ended == []
+        # The GC is told, with the generation: it ends only our own row at
+        # that generation or older, so another MC's stands.
+        assert [(m, reason) for m, reason, _ in recorder.ended] == [("m1", "fenced_out")]
+        assert recorder.generations == [("m1", 1)]
         assert controller.ledger.snapshot() == LoadSnapshot(0, 0, 10, 1000)
 
         # Fenced out during the first claim: only a reserved slot to free.
@@ -259,6 +261,8 @@ async def test_fenced_out_stops_and_counts(autojump_clock: trio.testing.MockCloc
         assert controller.fenced_out("m2") is True
         assert recorder.fenced == 2
         assert controller.ledger.snapshot().meetings == 0
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(recorder.ended) == 1  # no actor, nothing hosted to report
         assert controller.fenced_out("never") is False
 
 

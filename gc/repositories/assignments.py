@@ -11,7 +11,10 @@ look for an active assignment again (:func:`find_active`) before it draws a
 generation: the previous holder may have recorded in between.
 
 :func:`record` still keeps SPEC §6.3 step 7's rule on its own: it never
-replaces a live active assignment, and a loser gets the winner's.
+replaces a live active assignment - except the very one the caller's attempt
+judged gone, should its MC come back before the record (``replaces``; the
+newer generation's MC fences it out of Redis, so the row follows the fence) -
+and a loser gets the winner's.
 
 There is one row per (meeting, region): a replacement overwrites the old
 assignment in place - the old one ends by being overwritten, no history is
@@ -20,6 +23,7 @@ kept. Staleness is always judged on the database clock.
 
 from __future__ import annotations
 
+import enum
 import json
 import uuid
 from collections.abc import Sequence
@@ -34,6 +38,16 @@ from darktower.gc.repositories.media_handlers import MhCandidate
 from darktower.gc.repositories.meeting_controllers import McCandidate
 from darktower.shared.db import translate_errors
 from darktower.shared.metrics import timed
+
+
+class EndOutcome(enum.StrEnum):
+    """What an MC's report of a meeting's end did (:func:`end_by_owner`)."""
+
+    ENDED = "ended"
+    #: The MC owns no active assignment of the meeting here.
+    NOT_OWNER = "not_owner"
+    #: It owns one under a newer generation than it reported: a late report.
+    STALE_GENERATION = "stale_generation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +343,9 @@ LEFT JOIN ({_active_sql(meeting_id=1, region=2, stale_after_s=6)}) AS active ON 
 #   live, or the very row the caller's attempt judged gone (``$10``, its
 #   generation; NULL when it saw none): if that MC came back to life since (a
 #   heartbeat during the attempt's MC call), the MC that accepted the newer
-#   generation has claimed the meeting in Redis and fenced it out already, so
-#   keeping it would send joins to an MC that drops the meeting - the row
+#   generation has claimed the meeting in Redis, and the old MC drops it at
+#   its next fenced write (its fence check runs every few seconds), so
+#   keeping it would send joins to an MC about to drop the meeting - the row
 #   follows the fence. ON CONFLICT ... DO UPDATE ... WHERE judges the
 #   conflicting row in its newest committed version (not this statement's
 #   snapshot), so a live row a concurrent record just committed is never
@@ -428,7 +443,11 @@ WITH ended AS (
     SET current_meetings = greatest(mc.current_meetings - 1, 0)
     FROM ended WHERE mc.controller_id = ended.meeting_controller_id
 )
-SELECT count(*) FROM ended
+SELECT (SELECT count(*) FROM ended) > 0 AS ended,
+       -- This statement's snapshot: the row before the update above.
+       EXISTS (SELECT 1 FROM meeting_assignments
+               WHERE meeting_id = $1 AND region = $2 AND meeting_controller_id = $3
+                 AND ended_at IS NULL) AS owner
 """
 
 # Bounded, oldest first, by key. FOR UPDATE re-checks ``ended_at`` on the
@@ -570,7 +589,7 @@ async def record(
     backup_mh_id: str | None,
     holder: uuid.UUID,
     stale_after_s: float,
-    replaces: int | None = None,
+    replaces: int | None,
     timeout_s: float | None = None,
 ) -> RecordOutcome:
     """Record the caller's assignment if it may: the caller must hold the
@@ -600,15 +619,19 @@ async def record(
 @timed(DB_QUERY_SECONDS, "assignment_end_by_owner")
 async def end_by_owner(
     pool: asyncpg.Pool, *, meeting_id: uuid.UUID, region: str, controller_id: str, generation: int
-) -> bool:
+) -> EndOutcome:
     """Soft-delete the active assignment if ``controller_id`` owns it at a
     generation not newer than ``generation`` (the one it hosted the meeting
     under; SPEC §6.4 ``NotifyMeetingEnded``, §7.3) and lower that MC's
-    meeting count; ``False`` when it owns no such active assignment (another
-    MC's, or a newer one of its own, is kept). ``generation`` 0 means the MC
-    did not say (see :data:`_END_BY_OWNER`) and skips the generation check."""
-    ended: int = await pool.fetchval(_END_BY_OWNER, meeting_id, region, controller_id, generation)
-    return ended > 0
+    meeting count. Otherwise nothing changes: another MC's assignment, or a
+    newer one of its own (:attr:`EndOutcome.STALE_GENERATION`), is kept.
+    ``generation`` 0 means the MC did not say (see :data:`_END_BY_OWNER`) and
+    skips the generation check."""
+    row = await pool.fetchrow(_END_BY_OWNER, meeting_id, region, controller_id, generation)
+    assert row is not None  # an aggregate: always one row
+    if row["ended"]:
+        return EndOutcome.ENDED
+    return EndOutcome.STALE_GENERATION if row["owner"] else EndOutcome.NOT_OWNER
 
 
 @translate_errors
