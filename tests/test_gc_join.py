@@ -41,7 +41,7 @@ from grpclib.const import Status
 from mc_fakes import ACCEPT, DISCONNECT, Behaviour, Fail, FakeMc, Gate, Reject
 
 from darktower.gc.join_errors import MeetingNotFound, ServiceUnavailable
-from darktower.gc.join_flow import JoinResult
+from darktower.gc.join_flow import JoinResult, JoinService
 from darktower.gc.metrics import ASSIGNMENT_RETRIES, MC_RPCS, REGISTRY
 from darktower.protos import internal_pb2 as pb
 from darktower.shared import tokens
@@ -106,6 +106,19 @@ async def test_first_join_assigns_then_rejoins_reuse_without_any_rpc(
         assert [(r[0], r[1]) for r in streams] == [("mh-a", 1), ("mh-b", 11)]
 
 
+async def assigned_to_the_idler(
+    pool: asyncpg.Pool, service: JoinService, mc1: FakeMc, mc2: FakeMc
+) -> tuple[str, JoinResult]:
+    """mc-1 and a busier mc-2, one MH, a meeting joined once: on mc-1."""
+    await add_mc(pool, "mc-1", mc1.endpoint)
+    await add_mc(pool, "mc-2", mc2.endpoint, meetings_now=50)
+    await add_mh(pool, "mh-a")
+    code = await new_meeting(pool)
+    first = await join(service, code)
+    assert first.assignment.controller_id == "mc-1"
+    return code, first
+
+
 async def test_assignment_of_an_unhealthy_mc_is_replaced(
     db_pool: asyncpg.Pool, gc_token: str
 ) -> None:
@@ -113,12 +126,7 @@ async def test_assignment_of_an_unhealthy_mc_is_replaced(
         fakes(gc_token, ACCEPT, ACCEPT) as (mc1, mc2),
         join_service(db_pool, gc_token) as service,
     ):
-        await add_mc(db_pool, "mc-1", mc1.endpoint)
-        await add_mc(db_pool, "mc-2", mc2.endpoint, meetings_now=50)
-        await add_mh(db_pool, "mh-a")
-        code = await new_meeting(db_pool)
-        first = await join(service, code)
-        assert first.assignment.controller_id == "mc-1"
+        code, first = await assigned_to_the_idler(db_pool, service, mc1, mc2)
 
         await run_aio(
             db_pool.execute,
@@ -150,12 +158,7 @@ async def test_mc_back_to_life_during_the_attempt_stays_replaced(
         fakes(gc_token, ACCEPT, Gate(answer, ACCEPT)) as (mc1, mc2),
         join_service(db_pool, gc_token) as service,
     ):
-        await add_mc(db_pool, "mc-1", mc1.endpoint)
-        await add_mc(db_pool, "mc-2", mc2.endpoint, meetings_now=50)
-        await add_mh(db_pool, "mh-a")
-        code = await new_meeting(db_pool)
-        first = await join(service, code)
-        assert first.assignment.controller_id == "mc-1"
+        code, first = await assigned_to_the_idler(db_pool, service, mc1, mc2)
         await set_mc_health(db_pool, "mc-1", "unhealthy")
         results: list[JoinResult] = []
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from gc_fleet import ended_at, insert_assignment
+from gc_fleet import ended_at, insert_assignment, load_of
 from gc_harness import DevKeys, GcClients, RunningGc, mc_registration, metadata, mh_registration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -44,15 +44,6 @@ async def register(clients: GcClients, keys: DevKeys, *mc_ids: str) -> None:
         clients.mh.RegisterMH, mh_registration("mh-1"), metadata=metadata(keys.mh_token("mh-1"))
     )
     assert mh_response.accepted
-
-
-async def current_meetings(pool: asyncpg.Pool, controller_id: str) -> int:
-    value: int = await run_aio(
-        pool.fetchval,
-        "SELECT current_meetings FROM meeting_controllers WHERE controller_id = $1",
-        controller_id,
-    )
-    return value
 
 
 async def generation_of(pool: asyncpg.Pool, meeting_id: uuid.UUID) -> int:
@@ -113,11 +104,11 @@ async def test_owner_ends_its_meeting(
     assert await ended_at(db_pool, meeting_id) is not None
     assert counted("ended") == before + 1
     # The load estimate gives the slot back until the next heartbeat.
-    assert await current_meetings(db_pool, "mc-1") == 2
+    assert await load_of(db_pool, "mc-1") == 2
     # A repeat (the MC retrying) is harmless and changes nothing.
     again = await notify(clients, keys, "mc-1", str(meeting_id), generation=generation)
     assert not again.acknowledged
-    assert await current_meetings(db_pool, "mc-1") == 2
+    assert await load_of(db_pool, "mc-1") == 2
 
 
 async def test_a_late_report_of_an_earlier_assignment_leaves_the_later_one(
@@ -139,7 +130,7 @@ async def test_a_late_report_of_an_earlier_assignment_leaves_the_later_one(
     assert not response.acknowledged
     assert await ended_at(db_pool, meeting_id) is None
     assert await generation_of(db_pool, meeting_id) == new
-    assert await current_meetings(db_pool, "mc-1") == 3
+    assert await load_of(db_pool, "mc-1") == 3
     assert (counted("ended"), counted("stale_generation"), counted("not_owner")) == (
         ended_before,
         stale_before + 1,
@@ -148,7 +139,7 @@ async def test_a_late_report_of_an_earlier_assignment_leaves_the_later_one(
     # The end of the assignment under G' does end it.
     assert (await notify(clients, keys, "mc-1", str(meeting_id), generation=new)).acknowledged
     assert await ended_at(db_pool, meeting_id) is not None
-    assert await current_meetings(db_pool, "mc-1") == 2
+    assert await load_of(db_pool, "mc-1") == 2
 
 
 async def test_a_report_under_a_newer_generation_ends_the_recorded_assignment(
@@ -203,8 +194,8 @@ async def test_another_mc_cannot_end_the_owners_meeting(
     assert not response.acknowledged
     assert await ended_at(db_pool, meeting_id) is None
     assert counted("not_owner") == before + 1
-    assert await current_meetings(db_pool, "mc-1") == 3
-    assert await current_meetings(db_pool, "mc-2") == 3
+    assert await load_of(db_pool, "mc-1") == 3
+    assert await load_of(db_pool, "mc-2") == 3
 
 
 async def test_end_in_another_region_leaves_this_one(
