@@ -11,16 +11,34 @@ gap of ``g`` it may look ``g + grace`` old: marking is only safe when that is
 below ``stale_after``. So whenever the time since the checker last reached
 the database reaches ``stale_after - grace`` (but never less than 1.5 ticks) -
 including at start, when it cannot know how long it was away - it first
-grants ``grace``, in which every live node heartbeats at least once, and only
+grants a grace, in which every live node heartbeats at least once, and only
 pings the database meanwhile.
+
+The grace lasts ``grace`` *plus one tick* (``interval``), counted from the
+tick that reached the database again. Within ``grace`` every live node
+*sends* a heartbeat, but the last of them may be sent at the very end of it
+(a node whose previous attempt failed just before the recovery), and it
+still has to cross the network, wait for the GC's heartbeat batcher
+(:mod:`darktower.gc.heartbeat_batcher`) and be written. A sweep at exactly
+``grace`` - where the first sweep would fall whenever ``interval`` divides
+``grace`` - races that write: lost, the node is marked unhealthy, its
+meetings are moved and it is fenced out of them. With the extra tick the
+first sweep (the first tick at or after ``grace + interval``) comes at least
+one ``interval`` after the nominal end, whatever the two intervals are: room
+for a heartbeat's delivery of the order steady state allows (the
+configuration keeps 1.5 ticks between the report interval and the
+threshold). The cost: a node that died during the gap is marked one tick
+later, and the join path's allowance below lasts one tick longer.
+Steady-state detection (threshold + one tick) is unchanged: no grace is
+granted while the checker keeps reaching the database.
 
 The join path has the same blindness: a meeting whose MC looks stale only
 because nobody could hear it would be moved to whichever MC happened to
 heartbeat first after the outage (and its MC fenced out of it). So the
 checker also answers :meth:`HealthChecker.liveness_threshold_s` for anyone
 judging liveness meanwhile: from the moment a blind gap of ``g`` is seen
-until the grace that follows it is over, a node counts as live up to
-``stale_after + g`` old.
+until the grace that follows it is over (its extra tick included: until the
+first sweep may run), a node counts as live up to ``stale_after + g`` old.
 
 The checker's own gap is measured on trio's clock (it is about this process,
 and MockClock drives it in tests); node staleness stays on the database clock.
@@ -80,6 +98,9 @@ class HealthChecker:
         self._interval_s = interval_s
         self._stale_after_s = stale_after_s
         self._grace_s = grace_s
+        #: How long a grace lasts: one report interval, plus one tick for
+        #: the last heartbeat sent in it to land (see the module docstring).
+        self._grace_span_s = grace_s + interval_s
         self._blind_after_s = max(stale_after_s - grace_s, 1.5 * interval_s)
         self._on_result = on_result
         self._last_contact = -math.inf
@@ -101,18 +122,21 @@ class HealthChecker:
     async def tick(self) -> SweepResult:
         now = trio.current_time()
         # Blind long enough for live nodes to look stale (or just started):
-        # they get one heartbeat interval to be heard first. The grace starts
-        # only once the database answers again - nodes cannot be heard before
-        # that - so a grace is never spent (even partly) inside an outage.
+        # they get one heartbeat interval, and a tick for the last heartbeat
+        # to land, to be heard first. The grace starts only once the database
+        # answers again - nodes cannot be heard before that - so a grace is
+        # never spent (even partly) inside an outage.
         blind = now - self._last_contact >= self._blind_after_s
         try:
             if blind or now < self._grace_until:
                 await self._store.ping()
                 if blind:
-                    self._grace_until = now + self._grace_s
+                    self._grace_until = now + self._grace_span_s
                     gap = now - self._last_contact
                     self._grace_gap_s = gap if math.isfinite(gap) else 0.0
-                    log.info("health_check_grace", kind=self._store.kind, grace_s=self._grace_s)
+                    log.info(
+                        "health_check_grace", kind=self._store.kind, grace_s=self._grace_span_s
+                    )
                 result = SweepResult(now, "grace")
             else:
                 marked = await self._store.mark_stale(self._stale_after_s)
@@ -140,7 +164,8 @@ class HealthChecker:
         gone right now, by the join path as by the sweep (see the module
         docstring): ``stale_after`` plus the blind gap this GC is recovering
         from - one still open (the database unreachable, or back but not yet
-        ticked), or the one its current grace was granted for. At start the
+        ticked), or the one its current grace (``grace`` and the extra tick,
+        up to the first sweep) was granted for. At start the
         gap is unknown and the threshold is ``stale_after``: a node of a
         fleet that nobody heard for long is not presumed alive."""
         now = trio.current_time()

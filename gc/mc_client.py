@@ -36,11 +36,20 @@ MC answered with a rejection                 ``rejected``              kept
 MC answered with gRPC status X               ``x`` (lowercase)         kept
 RPC deadline passed                          ``deadline_exceeded``     dropped
 connect refused/reset/timed out, TLS error,  ``unavailable``           dropped
-connection lost, HTTP/2 protocol error,
-malformed endpoint
+connection lost (also grpclib's closed
+``Connection``, see below), HTTP/2
+protocol error, malformed endpoint
 reply over :data:`MAX_REPLY_BYTES`           ``resource_exhausted``    dropped
 anything else (e.g. an undecodable answer)   ``unknown``               dropped
 ===========================================  ========================  ========
+
+A connection reset between being made and carrying the request (an MC
+that accepts and at once resets, as one going down may) is not caught by
+grpclib 0.4: the call fails with ``AttributeError: 'Connection' object has no
+attribute '_transport'``. That exact error is transport trouble, recognised
+by the same predicate as the nodes' GC client
+(:func:`darktower.shared.gc_calls.is_closed_connection`); any other
+``AttributeError`` stays ``unknown``.
 
 A deadline drops the channel too: from here a stalled MC and a black-holed
 connection look the same, and a dead connection that is never dropped would
@@ -82,6 +91,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from darktower.protos import internal_grpc
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.config import Secret
+from darktower.shared.gc_calls import is_closed_connection
 from darktower.shared.logging import get_logger
 
 __all__ = ["CONNECT_TIMEOUT_S", "MAX_REPLY_BYTES", "RPC_TIMEOUT_S", "AssignOutcome", "McClient"]
@@ -183,6 +193,8 @@ def _failure(exc: Exception, *, connecting: bool) -> AssignOutcome:
     if isinstance(exc, TimeoutError):
         return _UNAVAILABLE if connecting else _DEADLINE_EXCEEDED
     if isinstance(exc, OSError | StreamTerminatedError | ProtocolError | _InvalidEndpoint):
+        return _UNAVAILABLE
+    if is_closed_connection(exc):  # reset before the request: see the module docstring
         return _UNAVAILABLE
     return _UNKNOWN
 

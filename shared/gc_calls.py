@@ -58,6 +58,7 @@ __all__ = [
     "GcUnavailable",
     "NotRegistered",
     "gc_host_port",
+    "is_closed_connection",
     "open_gc_channel",
     "translate",
 ]
@@ -110,14 +111,15 @@ def translate(rpc: str, exc: BaseException) -> GcError | None:
     if isinstance(exc, OSError):
         reason = exc.strerror or type(exc).__name__
         return GcUnavailable(f"{rpc}: connection failed ({reason})", code="TRANSPORT")
-    if _is_closed_connection(exc):
+    if is_closed_connection(exc):
         return GcUnavailable(f"{rpc}: connection lost", code="TRANSPORT")
     return None
 
 
-def _is_closed_connection(exc: BaseException) -> bool:
+def is_closed_connection(exc: BaseException) -> bool:
     """grpclib's stream opened on a ``Connection`` that was closed meanwhile
-    (see the module docstring)."""
+    (see the module docstring): transport trouble, for every grpclib client
+    of this code base (the GC's MC client too), not a bug."""
     return (
         isinstance(exc, AttributeError)
         and exc.name == "_transport"

@@ -452,16 +452,18 @@ async def test_the_join_path_is_allowed_the_checkers_blindness_after_an_outage(
         nodes.available = True  # back: until the next tick the gap is still open
         await trio.sleep_until(63)
         assert checker.liveness_threshold_s() == 30 + 43
-        await trio.sleep_until(66)  # tick at 65: a grace until 75, for a gap of 45
+        # Tick at 65: a grace of 10 s and a tick (until 80), for a gap of 45.
+        await trio.sleep_until(66)
         assert checker.liveness_threshold_s() == 30 + 45
-        await trio.sleep_until(74)
+        await trio.sleep_until(76)  # the tick at 75 is the grace's extra tick
         assert checker.liveness_threshold_s() == 30 + 45
-        await trio.sleep_until(76)  # the tick at 75 swept: back to normal
+        await trio.sleep_until(79)
+        assert checker.liveness_threshold_s() == 30 + 45
+        await trio.sleep_until(81)  # the tick at 80 swept: back to normal
         assert checker.liveness_threshold_s() == 30
 
         # An outage shorter than the blindness bound leaves live nodes
         # within the threshold anyway: no allowance.
-        await trio.sleep_until(81)
         nodes.available = False  # the ticks at 85 and 90 fail (last contact 80)
         await trio.sleep_until(91)
         assert checker.liveness_threshold_s() == 30
@@ -810,15 +812,6 @@ async def mc_readiness(mc: GcProcess) -> int:
 
 #: How long every GC stays down (the issue says 60 s).
 GC_OUTAGE_S = float(os.environ.get("DT_TEST_GC_OUTAGE_S", "60"))
-#: Drill (5)'s timing: the checkers tick every 0.4 s instead of 0.5 s. A
-#: GC's checker starts with one fast interval (1 s) of grace and sweeps at
-#: its first tick past it: at 1.0 s with 0.5 s ticks - the very moment a
-#: live MC whose heartbeat tick fell just before the GC listened heartbeats
-#: again (one interval later), so its mark depended on that heartbeat's
-#: latency against the few ms between the GC's listening and its checker's
-#: start. With 0.4 s ticks the first sweep is at 1.2 s: 0.2 s to spare for a
-#: heartbeat sent within one interval of the return, as SPEC §7.1 promises.
-GC_OUTAGE_TIMING = replace(TIMING, health_check_interval_s=0.4)
 #: Each MC's first heartbeat after the outage is polled for from before the
 #: GCs are started again: their start-up (imports on a busy 2-core box) and
 #: an interval, with room.
@@ -838,16 +831,16 @@ async def test_drill_all_gcs_down_mcs_outlive_it_and_heartbeat_within_one_interv
     running. "Back" is when the first GC listens again.
 
     Not MCs pinned to a GC each: every GC's checker judges every MC, and its
-    start-up grace (one fast interval) holds for the MCs it can hear - with
-    a balancer, all of them once any GC is back. A GC back before the other
-    would mark the other's pinned MCs whenever the two returned further
-    apart than the MCs' heartbeat phase (a GC 1.5 s ahead marks them every
-    time), and the drill failed at random on that."""
-    interval_s = GC_OUTAGE_TIMING.fast_heartbeat_s
+    start-up grace (one fast interval and a tick) holds for the MCs it can
+    hear - with a balancer, all of them once any GC is back. A GC back before
+    the other would mark the other's pinned MCs whenever the two returned
+    further apart than the MCs' heartbeat phase (a GC 1.5 s ahead marks them
+    every time), and the drill failed at random on that."""
+    interval_s = TIMING.fast_heartbeat_s
     async with fleet_on_private_redis(
         mcs_by_gc={"gc-a": ["mc-1", "mc-2", "mc-3"], "gc-b": []},
         mh_count=0,
-        timing=GC_OUTAGE_TIMING,
+        timing=TIMING,
         front=True,
     ) as fleet:
         dsn, mcs = fleet.dsn, fleet.mcs

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import asyncpg
 import pytest
@@ -42,16 +45,21 @@ from mc_fakes import (
     unanswered_endpoint,
 )
 
+from darktower.gc import mc_client
 from darktower.gc.join_flow import JoinService
 from darktower.gc.mc_client import MAX_REPLY_BYTES, AssignOutcome, McClient
 from darktower.gc.metrics import MC_RPCS
 from darktower.gc.repositories import meetings
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.config import Secret
+from darktower.shared.gc_calls import is_closed_connection
 from darktower.shared.seam import run_aio
 
 TOKEN = "gc-service-token-for-tests"
 GUARD_S = 20
+#: Calls against a resetting peer: with about a quarter of them hitting
+#: grpclib's closed connection, a regression shows with certainty.
+RESET_CALLS = 50
 REQUEST = pb.AssignMeetingWithMhRequest(
     meeting_id="0b5c7a4e-0000-4000-8000-000000000001",
     mh_assignments=[
@@ -230,6 +238,42 @@ async def test_transport_failure_drops_the_channel(client: McClient) -> None:
             assert (await assign(client, mc.endpoint)).accepted
             assert client.channel_count() == 1
     assert mc.connections == 2
+
+
+async def test_a_peer_that_accepts_and_resets_is_unavailable(
+    client: McClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MC (or what answers at its address) that accepts and at once
+    resets. Some of those resets land between grpclib's connect and its
+    request, where grpclib 0.4 fails with an ``AttributeError`` of its closed
+    connection: transport trouble like a refused or reset connection, never
+    an ``unknown`` answer. The client's predicate is watched so the test
+    knows that path was taken."""
+    closed_connection_errors = 0
+
+    def watched(exc: BaseException) -> bool:
+        nonlocal closed_connection_errors
+        closed = is_closed_connection(exc)
+        closed_connection_errors += closed
+        return closed
+
+    monkeypatch.setattr(mc_client, "is_closed_connection", watched)
+
+    async def reset(stream: trio.SocketStream) -> None:
+        # Linger 0: closing sends RST.
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, reset, 0, host="127.0.0.1"))
+        endpoint = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        with trio.fail_after(GUARD_S):
+            for _ in range(RESET_CALLS):
+                outcome = await assign(client, endpoint)
+                assert outcome == AssignOutcome(accepted=False, reason="", status="unavailable")
+                assert client.channel_count() == 0  # dropped, as after any transport failure
+        nursery.cancel_scope.cancel()
+    assert closed_connection_errors > 0
 
 
 async def test_mc_back_on_the_same_port_is_reached_by_the_next_call(client: McClient) -> None:

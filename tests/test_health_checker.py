@@ -1,6 +1,7 @@
 """The health checkers (SPEC §6.2): stale nodes are marked unhealthy on the
 database clock, and the checker's own blindness (start, pause, database
-outage) buys the fleet one fast-heartbeat interval of grace first.
+outage) buys the fleet a grace first: one fast-heartbeat interval, and one
+tick more for the last heartbeat sent in it to land.
 
 Two kinds of test:
 
@@ -51,8 +52,13 @@ T = TypeVar("T")
 INTERVAL = 5.0
 STALE_AFTER = 30.0
 GRACE = 10.0
-#: What the checker derives: blind for this long means grace first.
+#: What the checker derives: blind for this long means grace first...
 BLIND_AFTER = max(STALE_AFTER - GRACE, 1.5 * INTERVAL)
+#: ...and a grace lasts this long: the first sweep is the first tick at or
+#: after it, one tick past the grace's nominal end (GRACE).
+GRACE_SPAN = GRACE + INTERVAL
+#: Ticks in a grace of GRACE_SPAN (INTERVAL divides GRACE here).
+GRACE_TICKS = 3
 
 LIVE = ("pending", "healthy", "degraded")
 
@@ -201,7 +207,7 @@ async def test_missed_ticks_are_not_replayed_after_a_pause(
 # --- grace (pure logic) ----------------------------------------------------------------------
 
 
-async def test_grace_at_start_is_exactly_one_grace_period(
+async def test_grace_at_start_is_exactly_one_grace_period_and_one_tick(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     nodes = FakeNodes()
@@ -211,13 +217,15 @@ async def test_grace_at_start_is_exactly_one_grace_period(
     hc = checker(nodes.store())
     start = trio.current_time()
     results = [await hc.tick()]
-    mock_clock.jump(GRACE - 0.001)
+    mock_clock.jump(GRACE)  # the grace's nominal end: not yet a sweep
     results.append(await hc.tick())
-    assert outcomes(results) == ["grace", "grace"]
-    assert nodes.calls == ["ping", "ping"]  # only pings while in grace
+    mock_clock.jump(INTERVAL - 0.001)
+    results.append(await hc.tick())
+    assert outcomes(results) == ["grace", "grace", "grace"]
+    assert nodes.calls == ["ping", "ping", "ping"]  # only pings while in grace
     nodes.heartbeat("mc-a")
     mock_clock.jump(0.001)
-    assert trio.current_time() == start + GRACE
+    assert trio.current_time() == start + GRACE_SPAN
     swept = await hc.tick()
     assert (swept.outcome, swept.marked) == ("swept", ("mc-b",))
     assert nodes.health == {"mc-a": "healthy", "mc-b": "unhealthy"}
@@ -240,7 +248,7 @@ async def test_outage_threshold_is_stale_after_minus_grace(
     assert BLIND_AFTER == 20
     nodes = FakeNodes()
     hc = checker(nodes.store())
-    assert outcomes(await ticks(hc, mock_clock, 4)) == ["grace", "grace", "swept", "swept"]
+    assert outcomes(await ticks(hc, mock_clock, 5)) == ["grace"] * GRACE_TICKS + ["swept"] * 2
     nodes.available = False
     mock_clock.jump(INTERVAL)
     assert outcomes(await ticks(hc, mock_clock, failed_ticks)) == ["failed"] * failed_ticks
@@ -257,9 +265,10 @@ async def test_blind_threshold_never_below_one_and_a_half_ticks(
     mock_clock: trio.testing.MockClock, gap: float, outcome: str
 ) -> None:
     # stale_after - grace = 2 s would make every ordinary tick a "gap".
+    # (Its start grace: 28 s and a tick, so ticks 0 ... 30 are grace.)
     nodes = FakeNodes()
     hc = checker(nodes.store(), stale_after_s=30, grace_s=28)
-    assert outcomes(await ticks(hc, mock_clock, 7)) == ["grace"] * 6 + ["swept"]
+    assert outcomes(await ticks(hc, mock_clock, 8)) == ["grace"] * 7 + ["swept"]
     mock_clock.jump(gap)
     assert (await hc.tick()).outcome == outcome
 
@@ -267,11 +276,11 @@ async def test_blind_threshold_never_below_one_and_a_half_ticks(
 async def test_grace_after_an_outage_counts_from_recovery(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    """Grace lasts a full GRACE from the first tick that reaches the database
-    again, however the outage lined up with the ticks. The node heartbeats
-    every GRACE seconds (at t = 7, 17, 27, ...); the outage (t = 16 to 38)
-    swallows three of its heartbeats; its first one after the outage is at
-    t = 47, within GRACE of the recovery (the tick at t = 40)."""
+    """Grace lasts a full GRACE and a tick from the first tick that reaches
+    the database again, however the outage lined up with the ticks. The node
+    heartbeats every GRACE seconds (at t = 7, 17, 27, ...); the outage (t =
+    16 to 38) swallows three of its heartbeats; its first one after the
+    outage is at t = 47, within GRACE of the recovery (the tick at t = 40)."""
     nodes = FakeNodes()
     hc = checker(nodes.store())
     start = trio.current_time()
@@ -291,7 +300,7 @@ async def test_grace_after_an_outage_counts_from_recovery(
         advance_to(t)
         timeline[t] = (await hc.tick()).outcome
     nodes.available = True  # from t = 38
-    for t in (40, 45, 50):
+    for t in (40, 45, 50, 55):
         if t == 50:
             advance_to(47)
             nodes.heartbeat("mc-live")
@@ -300,11 +309,85 @@ async def test_grace_after_an_outage_counts_from_recovery(
         timeline[t] = result.outcome
         assert result.marked == ()
     assert timeline == {
-        0: "grace", 5: "grace", 10: "swept", 15: "swept",
+        0: "grace", 5: "grace", 10: "grace", 15: "swept",
         20: "failed", 25: "failed", 30: "failed", 35: "failed",
-        40: "grace", 45: "grace", 50: "swept",
+        40: "grace", 45: "grace", 50: "grace", 55: "swept",
     }  # fmt: skip
     assert nodes.health["mc-live"] == "healthy"
+
+
+@pytest.mark.parametrize("gap", ["start", "outage"])
+async def test_a_heartbeat_written_just_after_the_graces_nominal_end_is_in_time(
+    mock_clock: trio.testing.MockClock, gap: str
+) -> None:
+    """The drills' timing: ticks every 0.5 s, heartbeats every 1 s, stale
+    after 5 s. 0.5 divides 1.0, so a grace of exactly one heartbeat interval
+    would sweep on the tick at its very end. A live node whose heartbeat was
+    due just before the recovery sends the next one at that end, and it is
+    written a moment later (delivery, the GC's heartbeat batcher): it must
+    still be in time - the first sweep comes a tick later. A node that stays
+    silent is marked then."""
+    interval, grace, stale_after = 0.5, 1.0, 5.0
+    nodes = FakeNodes()
+    hc = checker(nodes.store(), interval_s=interval, stale_after_s=stale_after, grace_s=grace)
+
+    def advance_to(t: float) -> None:
+        mock_clock.jump(t - trio.current_time())
+
+    nodes.heartbeat("mc-late")
+    nodes.heartbeat("mc-dead")
+    if gap == "start":
+        mock_clock.jump(stale_after + 5)  # the GC was down; nothing was heard
+    else:
+        start = trio.current_time()
+        for t in (0, 0.5, 1.0, 1.5):
+            advance_to(start + t)
+            await hc.tick()
+        nodes.available = False
+        for t in (2.0, 4.0, 6.0, 8.0):  # the database is gone for 6 s
+            advance_to(start + t)
+            assert (await hc.tick()).outcome == "failed"
+        nodes.available = True
+        advance_to(start + 8.5)
+    recovery = trio.current_time()
+    results = []
+    for t in (0, 0.5, 1.0):  # up to the grace's nominal end (recovery + grace)
+        advance_to(recovery + t)
+        results.append(await hc.tick())
+    assert outcomes(results) == ["grace"] * 3
+    advance_to(recovery + grace + 0.01)
+    nodes.heartbeat("mc-late")  # sent at the end of the grace, written just after it
+    advance_to(recovery + grace + interval)
+    swept = await hc.tick()
+    assert (swept.outcome, swept.marked) == ("swept", ("mc-dead",))
+    assert nodes.health == {"mc-late": "healthy", "mc-dead": "unhealthy"}
+
+
+@pytest.mark.parametrize(
+    ("interval", "grace"), [(0.5, 1.0), (0.4, 1.0), (0.3, 1.0), (0.334, 1.0), (2.0, 7.0)]
+)
+async def test_the_first_sweep_is_at_least_a_tick_past_the_graces_nominal_end(
+    autojump_clock: trio.testing.MockClock, interval: float, grace: float
+) -> None:
+    """Whatever the two intervals (dividing or not, a tick just past the
+    nominal end or just short of it), the first sweep after a grace leaves
+    at least one tick - and less than two - for the last heartbeat sent in
+    it."""
+    nodes = FakeNodes()
+    results: list[SweepResult] = []
+    start = trio.current_time()
+    hc = checker(
+        nodes.store(),
+        results.append,
+        interval_s=interval,
+        stale_after_s=grace + 10 * interval,
+        grace_s=grace,
+    )
+    with trio.move_on_at(start + grace + 3 * interval):
+        await hc.run()
+    first_sweep = next(r.at for r in results if r.outcome == "swept") - start
+    assert grace + interval - 1e-9 <= first_sweep < grace + 2 * interval - 1e-9
+    assert all(r.outcome == "grace" for r in results if r.at - start < first_sweep)
 
 
 # --- against PostgreSQL: helpers -------------------------------------------------------------
@@ -383,8 +466,8 @@ def db_checker(
 
 async def past_start_grace(hc: HealthChecker, clock: trio.testing.MockClock) -> SweepResult:
     """Tick through the start-up grace; the first real sweep."""
-    results = await ticks(hc, clock, 3)
-    assert outcomes(results) == ["grace", "grace", "swept"]
+    results = await ticks(hc, clock, GRACE_TICKS + 1)
+    assert outcomes(results) == ["grace"] * GRACE_TICKS + ["swept"]
     return results[-1]
 
 
@@ -433,8 +516,8 @@ async def test_sweep_marks_exactly_the_stale_live_nodes(
     marked_before = sample("gc_nodes_marked_unhealthy_total", kind=kind)
 
     hc = db_checker(db_pool, kind)
-    grace = await ticks(hc, mock_clock, 2)
-    assert outcomes(grace) == ["grace", "grace"]
+    grace = await ticks(hc, mock_clock, GRACE_TICKS)
+    assert outcomes(grace) == ["grace"] * GRACE_TICKS
     assert await health_by_id(db_pool, kind) == before  # nothing touched in grace
     # 1 s below the threshold on the database clock, so set just before the sweep.
     await backdate(db_pool, kind, STALE_AFTER - 1, "age-29")
@@ -512,8 +595,9 @@ async def test_recovery_through_grpc_on_a_running_gc(
         await run_aio(clients.mh.RegisterMH, mh_registration("mh-1"), metadata=mh_auth)
         await backdate(db_pool, "mc", 31, "mc-1")
         await backdate(db_pool, "mh", 31, "mh-1")
-        mock_clock.jump(INTERVAL)
-        assert outcomes(await next_round(gc.sweeps)) == ["grace", "grace"]
+        for _ in range(GRACE_TICKS - 1):
+            mock_clock.jump(INTERVAL)
+            assert outcomes(await next_round(gc.sweeps)) == ["grace", "grace"]
         mock_clock.jump(INTERVAL)
         swept = await next_round(gc.sweeps)
         assert outcomes(swept) == ["swept", "swept"]
@@ -550,8 +634,9 @@ async def test_start_after_downtime_grants_grace_before_marking(
     db_pool: asyncpg.Pool, mock_clock: trio.testing.MockClock, kind: str
 ) -> None:
     """The GC was down: every heartbeat looks 31 s old. Nodes that are heard
-    within GRACE of the start survive; the silent ones are marked on the
-    first tick after GRACE."""
+    within GRACE of the start - or just after, as a heartbeat sent at its
+    very end - survive; the silent ones are marked on the first tick at or
+    after GRACE and a tick."""
     fleet = [f"node-{i}" for i in range(6)]
     await add_nodes(db_pool, kind, *fleet)
     await backdate(db_pool, kind, 31, *fleet)
@@ -565,11 +650,17 @@ async def test_start_after_downtime_grants_grace_before_marking(
         await heartbeat(db_pool, kind, "node-1")
         assert set((await health_by_id(db_pool, kind)).values()) == {"healthy"}
         mock_clock.jump(GRACE - INTERVAL)
+        nominal_end = await results.receive()
+        assert (nominal_end.at - first.at, nominal_end.outcome) == (GRACE, "grace")
+        # Sent at the very end of the grace, written after that tick.
+        await heartbeat(db_pool, kind, "node-2")
+        assert set((await health_by_id(db_pool, kind)).values()) == {"healthy"}
+        mock_clock.jump(INTERVAL)
         swept = await results.receive()
-    assert (swept.at - first.at, swept.outcome) == (GRACE, "swept")
-    assert swept.marked == ("node-2", "node-3", "node-4", "node-5")
+    assert (swept.at - first.at, swept.outcome) == (GRACE_SPAN, "swept")
+    assert swept.marked == ("node-3", "node-4", "node-5")
     health = await health_by_id(db_pool, kind)
-    assert health == {"node-0": "healthy", "node-1": "healthy"} | dict.fromkeys(
+    assert health == dict.fromkeys(("node-0", "node-1", "node-2"), "healthy") | dict.fromkeys(
         swept.marked, "unhealthy"
     )
 
@@ -581,10 +672,10 @@ async def test_a_pause_longer_than_staleness_grants_grace(
     await add_nodes(db_pool, "mc", *fleet)
     async with running_checker(mc_node_store(db_pool)) as results:
         seen = [await results.receive()]
-        for _ in range(3):
+        for _ in range(GRACE_TICKS):
             mock_clock.jump(INTERVAL)
             seen.append(await results.receive())
-        assert outcomes(seen) == ["grace", "grace", "swept", "swept"]
+        assert outcomes(seen) == ["grace"] * GRACE_TICKS + ["swept"]
         # SIGSTOP for stale_after + 10 s: no tick ran, nobody was heard.
         await backdate(db_pool, "mc", STALE_AFTER + 10, *fleet)
         mock_clock.jump(STALE_AFTER + 10)
@@ -595,11 +686,13 @@ async def test_a_pause_longer_than_staleness_grants_grace(
         assert set((await health_by_id(db_pool, "mc")).values()) == {"healthy"}
         await heartbeat(db_pool, "mc", "mc-0")
         await heartbeat(db_pool, "mc", "mc-1")
-        mock_clock.jump(INTERVAL)
-        assert (await results.receive()).outcome == "grace"
+        for _ in range(GRACE_TICKS - 1):
+            mock_clock.jump(INTERVAL)
+            assert (await results.receive()).outcome == "grace"
         mock_clock.jump(INTERVAL)
         swept = await results.receive()
-    assert (swept.outcome, swept.marked) == ("swept", ("mc-2", "mc-3"))
+    assert (swept.at - resumed.at, swept.outcome) == (GRACE_SPAN, "swept")
+    assert swept.marked == ("mc-2", "mc-3")
 
 
 async def test_a_long_database_outage_grants_grace_after_recovery(
@@ -620,14 +713,14 @@ async def test_a_long_database_outage_grants_grace_after_recovery(
     flaky.down = False
 
     mock_clock.jump(INTERVAL)
-    after = await ticks(hc, mock_clock, 2)
-    assert outcomes(after) == ["grace", "grace"]
+    after = await ticks(hc, mock_clock, GRACE_TICKS)
+    assert outcomes(after) == ["grace"] * GRACE_TICKS
     assert set((await health_by_id(db_pool, "mc")).values()) == {"healthy"}
     await heartbeat(db_pool, "mc", "mc-0")
     await heartbeat(db_pool, "mc", "mc-3")
     mock_clock.jump(INTERVAL)
     swept = await hc.tick()
-    assert (swept.at - after[0].at, swept.outcome) == (GRACE, "swept")
+    assert (swept.at - after[0].at, swept.outcome) == (GRACE_SPAN, "swept")
     assert swept.marked == ("mc-1", "mc-2")
 
 
