@@ -8,8 +8,9 @@ stale - not because nodes died, but because nobody could hear them (their
 heartbeats failed against the same outage). A live node's heartbeat is at
 most one fast interval (``grace``) old when it can be heard, so after a blind
 gap of ``g`` it may look ``g + grace`` old: marking is only safe when that is
-below ``stale_after``. So whenever the time since the checker last reached
-the database reaches ``stale_after - grace`` (but never less than 1.5 ticks) -
+below ``stale_after``, less the delivery allowance below (one tick). So
+whenever the time since the checker last reached the database reaches
+``stale_after - grace - interval`` (but never less than 1.5 ticks) -
 including at start, when it cannot know how long it was away - it first
 grants a grace, in which every live node heartbeats at least once, and only
 pings the database meanwhile.
@@ -101,7 +102,10 @@ class HealthChecker:
         #: How long a grace lasts: one report interval, plus one tick for
         #: the last heartbeat sent in it to land (see the module docstring).
         self._grace_span_s = grace_s + interval_s
-        self._blind_after_s = max(stale_after_s - grace_s, 1.5 * interval_s)
+        # A gap just short of this gets no grace: a live node may then look
+        # gap + grace + its heartbeat's delivery old, so the same one-tick
+        # delivery allowance as the grace's comes off the threshold.
+        self._blind_after_s = max(stale_after_s - self._grace_span_s, 1.5 * interval_s)
         self._on_result = on_result
         self._last_contact = -math.inf
         self._grace_until = -math.inf
@@ -135,7 +139,7 @@ class HealthChecker:
                     gap = now - self._last_contact
                     self._grace_gap_s = gap if math.isfinite(gap) else 0.0
                     log.info(
-                        "health_check_grace", kind=self._store.kind, grace_s=self._grace_span_s
+                        "health_check_grace", kind=self._store.kind, grace_span_s=self._grace_span_s
                     )
                 result = SweepResult(now, "grace")
             else:

@@ -435,8 +435,9 @@ class OutageNodes:
 async def test_the_join_path_is_allowed_the_checkers_blindness_after_an_outage(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Ticks every 5 s, threshold 30 s, grace 10 s (so blind after 20 s
-    without the database). Times are chosen between ticks."""
+    """Ticks every 5 s, threshold 30 s, grace 10 s (so blind after 15 s
+    without the database: 30 - 10 - a tick). Times are chosen between
+    ticks."""
     nodes = OutageNodes()
     checker = HealthChecker(nodes.store(), interval_s=5, stale_after_s=30, grace_s=10)
     assert checker.liveness_threshold_s() == 30  # at start the gap is unknown
@@ -464,11 +465,11 @@ async def test_the_join_path_is_allowed_the_checkers_blindness_after_an_outage(
 
         # An outage shorter than the blindness bound leaves live nodes
         # within the threshold anyway: no allowance.
-        nodes.available = False  # the ticks at 85 and 90 fail (last contact 80)
-        await trio.sleep_until(91)
+        nodes.available = False  # the tick at 85 fails (last contact 80)
+        await trio.sleep_until(86)
         assert checker.liveness_threshold_s() == 30
         nodes.available = True
-        await trio.sleep_until(96)
+        await trio.sleep_until(91)  # the tick at 90 swept, after a 10 s gap
         assert checker.liveness_threshold_s() == 30
         nursery.cancel_scope.cancel()
 

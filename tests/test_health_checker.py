@@ -52,11 +52,12 @@ T = TypeVar("T")
 INTERVAL = 5.0
 STALE_AFTER = 30.0
 GRACE = 10.0
-#: What the checker derives: blind for this long means grace first...
-BLIND_AFTER = max(STALE_AFTER - GRACE, 1.5 * INTERVAL)
-#: ...and a grace lasts this long: the first sweep is the first tick at or
-#: after it, one tick past the grace's nominal end (GRACE).
+#: A grace lasts this long: the first sweep is the first tick at or after
+#: it, one tick past the grace's nominal end (GRACE)...
 GRACE_SPAN = GRACE + INTERVAL
+#: ...and blind for this long means grace first (the same one-tick delivery
+#: allowance comes off the threshold).
+BLIND_AFTER = max(STALE_AFTER - GRACE_SPAN, 1.5 * INTERVAL)
 #: Ticks in a grace of GRACE_SPAN (INTERVAL divides GRACE here).
 GRACE_TICKS = 3
 
@@ -235,17 +236,17 @@ async def test_grace_at_start_is_exactly_one_grace_period_and_one_tick(
     ("failed_ticks", "first_after"),
     [
         # Contact is lost for (failed_ticks + 1) intervals; grace starts once
-        # that gap reaches BLIND_AFTER = max(30 - 10, 1.5 * 5) = 20 s.
+        # that gap reaches BLIND_AFTER = max(30 - 10 - 5, 1.5 * 5) = 15 s.
         (1, "swept"),
-        (2, "swept"),
+        (2, "grace"),
         (3, "grace"),
         (5, "grace"),
     ],
 )
-async def test_outage_threshold_is_stale_after_minus_grace(
+async def test_outage_threshold_is_stale_after_minus_the_grace_span(
     mock_clock: trio.testing.MockClock, failed_ticks: int, first_after: str
 ) -> None:
-    assert BLIND_AFTER == 20
+    assert BLIND_AFTER == 15
     nodes = FakeNodes()
     hc = checker(nodes.store())
     assert outcomes(await ticks(hc, mock_clock, 5)) == ["grace"] * GRACE_TICKS + ["swept"] * 2
@@ -264,7 +265,7 @@ async def test_outage_threshold_is_stale_after_minus_grace(
 async def test_blind_threshold_never_below_one_and_a_half_ticks(
     mock_clock: trio.testing.MockClock, gap: float, outcome: str
 ) -> None:
-    # stale_after - grace = 2 s would make every ordinary tick a "gap".
+    # stale_after - grace - interval = -3 s would make every ordinary tick a "gap".
     # (Its start grace: 28 s and a tick, so ticks 0 ... 30 are grace.)
     nodes = FakeNodes()
     hc = checker(nodes.store(), stale_after_s=30, grace_s=28)
@@ -706,7 +707,7 @@ async def test_a_long_database_outage_grants_grace_after_recovery(
 
     flaky.down = True
     mock_clock.jump(INTERVAL)
-    # Unreachable for 25 s (> stale_after - grace = 20 s): the nodes'
+    # Unreachable for 25 s (> stale_after - grace - interval = 15 s): the nodes'
     # heartbeats failed against the same outage.
     assert outcomes(await ticks(hc, mock_clock, 5)) == ["failed"] * 5
     await backdate(db_pool, "mc", STALE_AFTER + 5, *fleet)
@@ -727,7 +728,7 @@ async def test_a_long_database_outage_grants_grace_after_recovery(
 async def test_a_short_database_outage_does_not_grant_grace(
     db_pool: asyncpg.Pool, mock_clock: trio.testing.MockClock
 ) -> None:
-    """Two failed ticks leave a 15 s gap (< 20 s): sweeping resumes at once,
+    """A failed tick leaves a 10 s gap (< 15 s): sweeping resumes at once,
     and a node that really is stale is marked on the first tick back."""
     await add_nodes(db_pool, "mc", "mc-live", "mc-dead")
     flaky = FlakyStore(mc_node_store(db_pool))
@@ -736,7 +737,7 @@ async def test_a_short_database_outage_does_not_grant_grace(
 
     flaky.down = True
     mock_clock.jump(INTERVAL)
-    assert outcomes(await ticks(hc, mock_clock, 2)) == ["failed", "failed"]
+    assert outcomes(await ticks(hc, mock_clock, 1)) == ["failed"]
     flaky.down = False
     await backdate(db_pool, "mc", STALE_AFTER + 1, "mc-dead")
     mock_clock.jump(INTERVAL)
