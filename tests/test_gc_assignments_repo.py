@@ -781,6 +781,53 @@ async def test_end_by_owner_never_ends_a_newer_assignment_of_the_owner(
     assert await mc_load(fleet, "mc-1") == [0]
 
 
+@pytest.mark.parametrize(
+    "concurrently",
+    [
+        "UPDATE meeting_assignments SET meeting_controller_id = 'mc-2', generation = 6",
+        "UPDATE meeting_assignments SET ended_at = now()",
+    ],
+    ids=["replaced", "ended"],
+)
+async def test_end_by_owner_that_waited_on_a_concurrent_change_is_not_the_owner(
+    fleet: asyncpg.Pool, database_dsn: str, concurrently: str
+) -> None:
+    """mc-1's report (generation 5) waits on a transaction that replaces the
+    row by mc-2's or ends it, then ends nothing: it is told ``not_owner`` -
+    what its own statement's snapshot still shows (mc-1's active row) would
+    say ``stale_generation``."""
+    meeting_id = uuid.uuid4()
+    await lease_and_record(fleet, meeting_id, "mc-1", generation=5)
+    other: asyncpg.Connection = await run_aio(asyncpg.connect, database_dsn)
+    outcomes: list[EndOutcome] = []
+
+    async def end() -> None:
+        outcomes.append(await run_aio(assignments.end_by_owner, fleet, meeting_id=meeting_id,
+                                      region=REGION, controller_id="mc-1",
+                                      generation=5))  # fmt: skip
+
+    try:
+        change = other.transaction()
+        await run_aio(change.start)
+        await run_aio(other.execute, concurrently)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(end)
+            # Until the report is blocked on the changed row (each check is a
+            # round trip; bounded by the test's timeout).
+            while not await run_aio(
+                fleet.fetchval,
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND $1 = any("
+                "SELECT unnest(pg_blocking_pids(pid)))",
+                other.get_server_pid(),
+            ):
+                await trio.lowlevel.checkpoint()
+            await run_aio(change.commit)
+    finally:
+        await run_aio(other.close)
+    assert outcomes == [EndOutcome.NOT_OWNER]
+    assert await mc_load(fleet, "mc-1") == [1]  # nothing of mc-1's was ended
+
+
 async def insert_assignment(
     pool: asyncpg.Pool,
     controller_id: str,

@@ -443,11 +443,16 @@ WITH ended AS (
     SET current_meetings = greatest(mc.current_meetings - 1, 0)
     FROM ended WHERE mc.controller_id = ended.meeting_controller_id
 )
-SELECT (SELECT count(*) FROM ended) > 0 AS ended,
-       -- This statement's snapshot: the row before the update above.
-       EXISTS (SELECT 1 FROM meeting_assignments
-               WHERE meeting_id = $1 AND region = $2 AND meeting_controller_id = $3
-                 AND ended_at IS NULL) AS owner
+SELECT count(*) FROM ended
+"""
+
+# Who holds the meeting's active assignment now: read by a statement of its
+# own after a report that ended nothing, because the end statement's snapshot
+# may predate a concurrent record or end its UPDATE waited for (the UPDATE
+# judged the newest row; a read in its snapshot would not).
+_ACTIVE_OWNER = """
+SELECT meeting_controller_id FROM meeting_assignments
+WHERE meeting_id = $1 AND region = $2 AND ended_at IS NULL
 """
 
 # Bounded, oldest first, by key. FOR UPDATE re-checks ``ended_at`` on the
@@ -627,11 +632,11 @@ async def end_by_owner(
     newer one of its own (:attr:`EndOutcome.STALE_GENERATION`), is kept.
     ``generation`` 0 means the MC did not say (see :data:`_END_BY_OWNER`) and
     skips the generation check."""
-    row = await pool.fetchrow(_END_BY_OWNER, meeting_id, region, controller_id, generation)
-    assert row is not None  # an aggregate: always one row
-    if row["ended"]:
+    ended: int = await pool.fetchval(_END_BY_OWNER, meeting_id, region, controller_id, generation)
+    if ended:
         return EndOutcome.ENDED
-    return EndOutcome.STALE_GENERATION if row["owner"] else EndOutcome.NOT_OWNER
+    owner: str | None = await pool.fetchval(_ACTIVE_OWNER, meeting_id, region)
+    return EndOutcome.STALE_GENERATION if owner == controller_id else EndOutcome.NOT_OWNER
 
 
 @translate_errors
