@@ -13,11 +13,13 @@ import asyncpg
 import pytest
 import trio
 from gc_harness import DevKeys, RunningGc, gc_environ, mc_registration, running_gc
+from grpclib.protocol import Connection
 
 from darktower.mc.gc_client import GcClient, GcUnavailable, NotRegistered, open_gc_client
 from darktower.mc.gc_task import GcTask
 from darktower.protos import internal_pb2 as pb
 from darktower.shared.config import Secret
+from darktower.shared.gc_calls import translate
 from darktower.shared.seam import run_aio
 
 pytest_plugins = ("gc_fixtures",)
@@ -196,6 +198,18 @@ async def test_a_peer_that_accepts_and_resets_is_unavailable_never_a_crash(
                         await client.fast_heartbeat(fast("mc-1"))
                     assert caught.value.code == "TRANSPORT", caught.value
         nursery.cancel_scope.cancel()
+
+
+def test_only_grpclibs_closed_connection_error_is_transport_trouble() -> None:
+    """The mapping the test above exercises by timing, pinned: exactly that
+    attribute of grpclib's ``Connection``; any other ``AttributeError`` is a
+    bug and propagates."""
+    closed = object.__new__(Connection)
+    error = translate("FastHeartbeat", AttributeError("x", name="_transport", obj=closed))
+    assert isinstance(error, GcUnavailable)
+    assert error.code == "TRANSPORT"
+    assert translate("FastHeartbeat", AttributeError("x", name="_h2", obj=closed)) is None
+    assert translate("FastHeartbeat", AttributeError("x", name="_transport", obj=object())) is None
 
 
 async def test_same_client_reaches_a_restarted_gc_at_once(
