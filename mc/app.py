@@ -194,7 +194,9 @@ def _meeting_ended(
         assignment of the meeting to this MC). Failures are logged: the
         tombstone's absence only leaves keys a newer claim takes over, and
         the GC's cleanup ends stale assignments anyway. A meeting fenced out
-        has no state here to release: it is the new owner's."""
+        is not released: its state is the new owner's (the fenced release
+        would be refused anyway; skipping it saves a Redis round trip per
+        fenced-out meeting)."""
         if reason != EndReason.FENCED_OUT:
             try:
                 released = await store.release(meeting_id, generation, mc_id)

@@ -135,7 +135,7 @@ async def add_mh(
 
 async def set_mc_health(pool: asyncpg.Pool, controller_id: str, health: str) -> None:
     """The MC reports ``health`` in a heartbeat (a fresh one; its meeting
-    count unchanged)."""
+    count unchanged, its participant count 0)."""
     row = await run_aio(meeting_controllers.get, pool, controller_id)
     assert row is not None
     hb = McHeartbeat(controller_id, row.current_meetings, 0, health)

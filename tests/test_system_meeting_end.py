@@ -7,7 +7,10 @@ under the recorded generation in Redis; nobody connects to the MC → after
 ``MC_EMPTY_MEETING_TIMEOUT_S`` the MC ends the meeting, gives its Redis keys
 back and calls ``NotifyMeetingEnded`` under that generation → the GC
 soft-deletes the assignment; the next join makes a new assignment under a
-newer generation.
+newer generation. And a meeting fenced out of its recorded MC (another MC
+claimed a newer generation in Redis): the MC's fence check stops it and
+reports it under its own generation, the GC ends that row, and the next join
+assigns anew above the other MC's generation.
 
 Every wait is a bounded poll of what the processes publish (database rows,
 ``/metrics``, Redis), never a sleep standing in for synchronisation.
