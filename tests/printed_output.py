@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import queue
 import re
+import secrets
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Self
 
 import psutil
 import pytest
@@ -57,6 +58,33 @@ class PrintingRun:
     #: Notified on every stderr line and at its end (:meth:`wait_for_stderr`).
     stderr_changed: threading.Condition = field(default_factory=threading.Condition)
     stderr_ended: bool = False
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: list[str],
+        env: dict[str, str],
+        marker_variable: str,
+        *,
+        name: str = "the command",
+        **popen: Any,
+    ) -> Self:
+        """Start ``argv`` with its output piped to the readers, ``env`` plus a
+        fresh marker in ``marker_variable`` (``popen``: more Popen options,
+        e.g. ``cwd``)."""
+        marker = secrets.token_hex(8)
+        proc = subprocess.Popen(
+            argv,
+            env={**env, marker_variable: marker},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+        run = cls(proc, marker_variable, marker, name=name)
+        run.start_readers()
+        return run
 
     def start_readers(self) -> None:
         assert self.proc.stdout is not None

@@ -91,18 +91,9 @@ def start_up(servers: dict[str, str]) -> Iterator[Any]:
         drop = ("DATABASE_URL", "REDIS_URL", "DT_MH_TOKENS", "DT_GC_URL", "DT_TOKEN")
         env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("GC_")}
         env = {k: v for k, v in env.items() if not k.startswith("MC_")} | servers
-        marker = secrets.token_hex(8)
-        env[_MARKER_VARIABLE] = marker
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "darktower.cli", "up"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        up = Up.spawn(
+            [sys.executable, "-m", "darktower.cli", "up"], env, _MARKER_VARIABLE, name="dt up"
         )
-        up = Up(proc, _MARKER_VARIABLE, marker, name="dt up")
-        up.start_readers()
         started.append(up)
         return up
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -425,18 +423,7 @@ class SimProcess(PrintingRun):
 
     @classmethod
     def start(cls, argv: list[str]) -> SimProcess:
-        marker = secrets.token_hex(8)
-        proc = subprocess.Popen(
-            argv,
-            env=child_environ({_MARKER_VARIABLE: marker}),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        sim = cls(proc, _MARKER_VARIABLE, marker, name="mh-sim")
-        sim.start_readers()
-        return sim
+        return cls.spawn(argv, child_environ({}), _MARKER_VARIABLE, name="mh-sim")
 
     def next_event(self, timeout: float = WAIT_S) -> dict[str, object]:
         """The next stdout line (bounded wait), which must be a JSON object."""
