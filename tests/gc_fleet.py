@@ -52,6 +52,31 @@ class FirstChoice(random.Random):
         return 0.0
 
 
+class LastChoice(random.Random):
+    """Always draws the last candidate (the most loaded of those the query
+    returned). With the controller weights (each in [0.01, 1], see
+    :func:`~darktower.gc.selection.controller_weight`) the last of at most
+    five candidates owns more than the top 0.2 % of the total weight
+    (0.01 / 4.01), so a draw at 99.99 % of it always lands there."""
+
+    def random(self) -> float:
+        return 0.9999
+
+
+class FixedDraw(random.Random):
+    """Every draw is ``value`` (in [0, 1)): a test works out from the
+    candidates' weights which one it picks."""
+
+    def __init__(self, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"a draw is in [0, 1), not {value}")
+        self.value = value
+        super().__init__(0)
+
+    def random(self) -> float:
+        return self.value
+
+
 # --- the fleet in the database ---------------------------------------------------------------
 
 

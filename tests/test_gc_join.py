@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,7 +24,11 @@ import jwt
 import pytest
 import trio
 from gc_fleet import (
+    GC_ID,
     ORG,
+    REGION,
+    FixedDraw,
+    LastChoice,
     add_mc,
     add_mh,
     assignment_rows,
@@ -34,6 +39,7 @@ from gc_fleet import (
     join_service,
     load_of,
     new_meeting,
+    open_mc_client,
     set_mc_health,
 )
 from gc_harness import DevKeys, RunningGc, gc_environ, running_gc
@@ -446,6 +452,76 @@ async def test_round_trips_of_first_joins_and_rejoins(db_pool: asyncpg.Pool, gc_
         assert found.assignment == moved.assignment
         assert ran_since(before) == {"meeting_find_for_join": 1}
     assert await held_leases(db_pool) == []
+
+
+async def test_only_the_five_least_loaded_mcs_are_drawn_from_on_each_attempt(
+    db_pool: asyncpg.Pool, gc_token: str
+) -> None:
+    """The production candidate limit (top 5 MCs, SPEC §6.3 step 5) of both
+    statements that read candidates: the lookup (first attempt) and
+    ``begin_attempt`` (the retry). Seven MCs loaded 0..6 and a draw that
+    always takes the last candidate: the first attempt asks mc-4, the fifth
+    least loaded (never mc-5 or mc-6); mc-4 refuses and is excluded, so the
+    retry asks mc-5, fifth now (never mc-6)."""
+    behaviours: list[Behaviour] = [ACCEPT] * 7
+    behaviours[4] = Reject(pb.REJECTION_REASON_AT_CAPACITY)
+    async with (
+        fakes(gc_token, *behaviours) as mcs,
+        join_service(db_pool, gc_token, LastChoice()) as service,
+    ):
+        for load, mc in enumerate(mcs):
+            await add_mc(db_pool, f"mc-{load}", mc.endpoint, meetings_now=load)
+        await add_mh(db_pool, "mh-a")
+        code = await new_meeting(db_pool)
+
+        before = statements()
+        result = await join(service, code)
+
+        assert [len(mc.requests) for mc in mcs] == [0, 0, 0, 0, 1, 1, 0]
+        assert (result.assigned, result.assignment.controller_id) == (True, "mc-5")
+        assert result.assignment.generation == mcs[5].requests[0].generation
+        assert mcs[5].requests[0].generation > mcs[4].requests[0].generation
+        # Each limit is a separate statement's default: both were exercised.
+        assert ran_since(before) == {
+            "meeting_find_for_join": 1,
+            "assignment_begin_attempt": 1,
+            "assignment_record": 1,
+        }
+
+
+async def test_the_mc_is_drawn_with_weights_by_free_share(
+    db_pool: asyncpg.Pool, gc_token: str
+) -> None:
+    """Loads 0, 50 and 90 of 100 weigh 1.0, 0.5 and 0.1 (``1 - load ratio``,
+    :func:`~darktower.gc.selection.controller_weight`), cumulatively 1.0, 1.5
+    and 1.6. A draw of 0.75 lands at 1.2 of 1.6: the second candidate, mc-50.
+    Taking the least loaded would ask mc-0; an unweighted draw
+    (floor(0.75 x 3) = 2) or weights by load rather than free share (0, 0.5,
+    0.9: 1.05 of 1.4) would ask mc-90."""
+    async with (
+        fakes(gc_token, ACCEPT, ACCEPT, ACCEPT) as (idle, half, busy),
+        join_service(db_pool, gc_token, FixedDraw(0.75)) as service,
+    ):
+        await add_mc(db_pool, "mc-0", idle.endpoint, meetings_now=0)
+        await add_mc(db_pool, "mc-50", half.endpoint, meetings_now=50)
+        await add_mc(db_pool, "mc-90", busy.endpoint, meetings_now=90)
+        await add_mh(db_pool, "mh-a")
+
+        result = await join(service, await new_meeting(db_pool))
+
+        assert (len(idle.requests), len(half.requests), len(busy.requests)) == (0, 1, 0)
+        assert (result.assigned, result.assignment.controller_id) == (True, "mc-50")
+
+
+async def test_the_draw_uses_the_os_csprng_by_default(db_pool: asyncpg.Pool, gc_token: str) -> None:
+    """SPEC §6.3: without an ``rng`` the controller draw comes from
+    :class:`secrets.SystemRandom`, not a seedable PRNG. (``_rng`` is private;
+    it is the only place the default shows.)"""
+    async with open_mc_client(gc_token) as client:
+        service = JoinService(
+            db_pool, client, gc_id=GC_ID, region=REGION, stale_after_s=30, lease_ttl_s=35
+        )
+        assert isinstance(service._rng, secrets.SystemRandom)
 
 
 # --- over HTTP, through a whole GC -----------------------------------------------------------
