@@ -12,6 +12,9 @@ with :meth:`AssignmentCleanup.tick` observed: each tick's start time and
 outcome arrive on a channel. The failures are real database errors: the
 statement of a tick cancelled by the server while it waits for a lock the
 test holds (``DatabaseUnavailable``), or a table missing (``SchemaMissing``).
+
+Last, the wiring: a whole GC in-process (:func:`gc_harness.running_gc`) ticks
+its own cleanup with its configured interval, retention and idle time.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -37,6 +41,7 @@ from gc_fleet import (
     jump_and_settle,
     virtually_within,
 )
+from gc_harness import DevKeys, gc_environ, running_gc
 
 from darktower.gc.cleanup import AssignmentCleanup, CleanupResult
 from darktower.shared.seam import run_aio
@@ -248,3 +253,65 @@ async def test_cleanup_ticks_every_interval_and_a_failed_tick_does_not_stop_it(
         assert (third.result, third.error) == (CleanupResult(1, 0, 0), None)
         assert await assignment_ids(db_pool) == left
         nursery.cancel_scope.cancel()
+
+
+# --- the GC's own wiring -------------------------------------------------------------------------
+
+#: The running GC's cleanup settings: none of them the default, so a GC that
+#: ignored one (or scaled it wrongly) would do a different tick.
+GC_INTERVAL_S = 2.0
+GC_RETENTION_DAYS = 2
+GC_INACTIVE_S = 600
+#: At most this many reads of the table while the GC's tick does its work
+#: (each is a round trip; the tick's statements take milliseconds).
+TICK_PROBES = 2000
+
+
+async def assignment_states(pool: asyncpg.Pool) -> dict[uuid.UUID, bool]:
+    """Every assignment row: whether it has ended."""
+    rows = await fetch(
+        pool, "SELECT meeting_id, ended_at IS NOT NULL AS ended FROM meeting_assignments"
+    )
+    return {r["meeting_id"]: r["ended"] for r in rows}
+
+
+@pytest.mark.dt_timeout(30)
+async def test_a_running_gc_ticks_its_cleanup_with_its_configuration(
+    db_pool: asyncpg.Pool, database_dsn: str, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``run_gc`` starts the cleanup task with GC_CLEANUP_INTERVAL_S,
+    GC_ASSIGNMENT_RETENTION_DAYS and GC_INACTIVE_MEETING_S: one interval after
+    the GC started (not before), the assignment ended past the retention is
+    deleted and the idle one on an MC that is not live is ended; the rows on
+    the near side of either threshold stay as they were."""
+    environ = gc_environ(
+        DevKeys.create(tmp_path / "keys"),
+        database_dsn,
+        GC_CLEANUP_INTERVAL_S=str(GC_INTERVAL_S),
+        GC_ASSIGNMENT_RETENTION_DAYS=str(GC_RETENTION_DAYS),
+        GC_INACTIVE_MEETING_S=str(GC_INACTIVE_S),
+    )
+    start = trio.current_time()
+    async with running_gc(environ):
+        # No timer fired while the GC started: its ticks fall at start + k * interval.
+        assert trio.current_time() == start
+        await add_mc(db_pool, "mc-dead", "http://127.0.0.1:1", health="unhealthy")
+        await add_mh(db_pool, "mh-1")
+        past_retention = await insert_assignment(db_pool, "mc-dead", ended_ago=timedelta(days=3))
+        within_retention = await insert_assignment(db_pool, "mc-dead", ended_ago=timedelta(days=1))
+        idle = await insert_assignment(db_pool, "mc-dead", assigned_ago=timedelta(minutes=20))
+        recent = await insert_assignment(db_pool, "mc-dead", assigned_ago=timedelta(minutes=5))
+        before = {past_retention: True, within_retention: True, idle: False, recent: False}
+        after = {within_retention: True, idle: True, recent: False}
+        assert await assignment_states(db_pool) == before
+
+        await jump_and_settle(mock_clock, GC_INTERVAL_S - 0.001)
+        assert await assignment_states(db_pool) == before  # not yet
+        mock_clock.jump(0.001)  # the tick
+        # The tick's statements run on the database: probe until they show.
+        for _ in range(TICK_PROBES):
+            if (states := await assignment_states(db_pool)) == after:
+                break
+        else:
+            pytest.fail(f"no cleanup tick at the interval: {states}")
+        assert trio.current_time() - start == pytest.approx(GC_INTERVAL_S)

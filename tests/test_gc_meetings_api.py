@@ -1182,6 +1182,32 @@ async def test_forwarded_headers_do_not_escape_the_limit(
     assert statuses == [200] * 5 + [429] * 2
 
 
+@pytest.mark.dt_timeout(30)
+async def test_the_gc_wires_its_guest_limit(
+    db_pool: asyncpg.Pool,
+    ac_keys: DevKeys,
+    database_dsn: str,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """GC_GUEST_TOKENS_PER_MINUTE reaches the running GC's API: at 2 a minute
+    an address has a burst of 2 and its next token 30 s later (60 / 2). A
+    guest request for an unknown code pays like any other (the limit is taken
+    before the code is looked up), so no MC or MH is needed. Trio's clock
+    stands still (``mock_clock``), so Retry-After is exactly the interval."""
+    environ = gc_environ(ac_keys, database_dsn, GC_GUEST_TOKENS_PER_MINUTE="2")
+    async with (
+        running_gc(environ) as gc,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gc.endpoints.http_port}") as http,
+    ):
+        responses = [
+            await guest(http, {"display_name": "Ada"}, code="no-such-mtg") for _ in range(3)
+        ]
+    assert [r.status_code for r in responses] == [404, 404, 429]
+    assert_error(responses[0], 404, "NOT_FOUND")
+    assert_error(responses[2], 429, "RATE_LIMITED")
+    assert responses[2].headers["retry-after"] == "30"
+
+
 async def test_guest_service_unavailable(client: httpx.AsyncClient, service: FakeMeetings) -> None:
     service.join_error = ServiceUnavailable(
         "no_media_handler", "no media handler available", retry_after_s=2
@@ -1284,6 +1310,54 @@ async def test_two_content_type_headers_are_refused(
     response = await client.send(request)
     assert assert_error(response, 400, "INVALID_REQUEST").startswith("Content-Type: ")
     assert service.created == []
+
+
+# --- paths and methods no route serves ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "redirect", "status", "code"),
+    [
+        pytest.param("GET", "/nope", None, 404, "NOT_FOUND", id="unknown-path"),
+        # Starlette's redirect_slashes: a path that matches a route once its
+        # trailing slash is dropped is redirected there first (307, no body).
+        pytest.param(
+            "GET", "/api/v1/meetings/", "/api/v1/meetings", 405, "METHOD_NOT_ALLOWED",
+            id="trailing-slash",
+        ),
+        pytest.param(
+            "DELETE", f"/api/v1/meetings/{CODE}", None, 405, "METHOD_NOT_ALLOWED",
+            id="delete-a-meeting",
+        ),
+        pytest.param("PUT", "/api/v1/meetings", None, 405, "METHOD_NOT_ALLOWED", id="put-meetings"),
+        pytest.param("POST", "/health/live", None, 405, "METHOD_NOT_ALLOWED", id="post-health"),
+    ],
+)  # fmt: skip
+async def test_unrouted_requests_get_the_json_error_shape(
+    db_pool: asyncpg.Pool,
+    ac_keys: DevKeys,
+    database_dsn: str,
+    method: str,
+    path: str,
+    redirect: str | None,
+    status: int,
+    code: str,
+) -> None:
+    """A running GC answers a path or method it does not serve with SPEC
+    §6.5's JSON error (the app's 404 and 405 handlers cover the meetings API's
+    routes too), never Starlette's plain-text default or a 500 - with valid
+    credentials too, so the status is not an authentication failure."""
+    async with (
+        running_gc(gc_environ(ac_keys, database_dsn)) as gc,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gc.endpoints.http_port}") as http,
+    ):
+        response = await http.request(method, path, headers=bearer(user_token(ac_keys)))
+        if redirect is not None:
+            assert response.status_code == 307, response.text
+            assert httpx.URL(response.headers["location"]).path == redirect
+            assert response.content == b""
+            response = await http.request(method, redirect, headers=bearer(user_token(ac_keys)))
+    assert_error(response, status, code)
 
 
 # --- documents -----------------------------------------------------------------------------
