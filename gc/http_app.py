@@ -52,12 +52,19 @@ def create_app(
         return error_response(404, "NOT_FOUND", "no such resource")
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        return error_response(405, "METHOD_NOT_ALLOWED", "method not allowed")
+        # Starlette's exception carries the route's methods as ``Allow``,
+        # which a 405 must send (RFC 9110 §15.5.6).
+        headers = getattr(exc, "headers", None)
+        allow = headers.get("Allow") if headers else None
+        return error_response(
+            405, "METHOD_NOT_ALLOWED", "method not allowed",
+            headers={"Allow": allow} if allow else None,
+        )  # fmt: skip
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         return error_response(500, "INTERNAL", "internal error")
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health/live", live, methods=["GET"]),
             Route("/health/ready", ready, methods=["GET"]),
@@ -66,3 +73,7 @@ def create_app(
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal_error},
     )
+    # No trailing-slash redirects: a path that is not a route is a JSON 404,
+    # not a redirect whose Location echoes the client's Host header.
+    app.router.redirect_slashes = False
+    return app

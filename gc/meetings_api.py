@@ -338,8 +338,10 @@ class _MeetingsApi:
             except MeetingNotFound:
                 return _Outcome(error_response(404, "NOT_FOUND", "meeting not found"), "not_found")
             except GuestsNotAllowed:
-                response = error_response(403, "FORBIDDEN", "this meeting does not admit guests")
-                return _Outcome(response, "forbidden")
+                # Unreachable (the lookup shows a guest no members-only
+                # meeting); answered like a missing meeting all the same, so a
+                # members-only code never tells itself apart from a wrong one.
+                return _Outcome(error_response(404, "NOT_FOUND", "meeting not found"), "not_found")
             except ServiceUnavailable as exc:
                 # Expected under load (capacity): counted by reason, logged quietly.
                 log.info("join_unavailable", operation=operation, reason=exc.reason)

@@ -165,7 +165,6 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
                 "responses": {
                     "200": _ref("responses", "Joined"),
                     "400": _ref("responses", "InvalidRequest"),
-                    "403": _ref("responses", "Forbidden"),
                     "404": _ref("responses", "NotFound"),
                     "429": _ref("responses", "RateLimited"),
                     "500": _ref("responses", "Internal"),
@@ -425,10 +424,12 @@ OPENAPI_DOCUMENT: Final[dict[str, Any]] = {
             "Forbidden": _json(
                 _ref("schemas", "Error"),
                 "FORBIDDEN: the token does not grant this call (audience, scope, org_id, "
-                "an unusable or reserved sub), or the meeting does not admit guests.",
+                "an unusable or reserved sub).",
             ),
             "NotFound": _json(
-                _ref("schemas", "Error"), "NOT_FOUND: no such meeting visible to the caller."
+                _ref("schemas", "Error"),
+                "NOT_FOUND: no such meeting visible to the caller (for a guest: none "
+                "that admits guests - a members-only code looks like a missing one).",
             ),
             "RateLimited": {
                 **_json(
