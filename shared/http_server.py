@@ -26,7 +26,10 @@ async def run_http(
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 2.0
     config.keep_alive_timeout = 30.0
-    # Bodies of our API are small; refuse anything large at the transport.
+    # Request heads are small: h11 refuses (431) one still incomplete after
+    # 16 KiB. A head that arrives whole in one read (hypercorn reads up to
+    # 64 KiB at a time) is parsed anyway, so the effective bound is about
+    # 80 KiB; bodies are bounded by the app (16 KiB, gc/meetings_api.py).
     config.h11_max_incomplete_size = 16 * 1024
     config.include_server_header = False
 
