@@ -20,6 +20,7 @@ its own cleanup with its configured interval, retention and idle time.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -262,9 +263,10 @@ async def test_cleanup_ticks_every_interval_and_a_failed_tick_does_not_stop_it(
 GC_INTERVAL_S = 2.0
 GC_RETENTION_DAYS = 2
 GC_INACTIVE_S = 600
-#: At most this many reads of the table while the GC's tick does its work
-#: (each is a round trip; the tick's statements take milliseconds).
-TICK_PROBES = 2000
+#: Bound (wall clock) on reading the table while the GC's tick does its
+#: work: each read is a round trip, the tick's statements take milliseconds
+#: on a quiet machine; a slow commit on a busy one must not fail the test.
+TICK_BOUND_S = 20.0
 
 
 async def assignment_states(pool: asyncpg.Pool) -> dict[uuid.UUID, bool]:
@@ -293,8 +295,7 @@ async def test_a_running_gc_ticks_its_cleanup_with_its_configuration(
     )
     start = trio.current_time()
     async with running_gc(environ):
-        # No timer fired while the GC started: its ticks fall at start + k * interval.
-        assert trio.current_time() == start
+        # Only the test moves this clock: the GC's ticks fall at start + k * interval.
         await add_mc(db_pool, "mc-dead", "http://127.0.0.1:1", health="unhealthy")
         await add_mh(db_pool, "mh-1")
         past_retention = await insert_assignment(db_pool, "mc-dead", ended_ago=timedelta(days=3))
@@ -305,13 +306,12 @@ async def test_a_running_gc_ticks_its_cleanup_with_its_configuration(
         after = {within_retention: True, idle: True, recent: False}
         assert await assignment_states(db_pool) == before
 
-        await jump_and_settle(mock_clock, GC_INTERVAL_S - 0.001)
+        await jump_and_settle(mock_clock, start + GC_INTERVAL_S - 0.001 - trio.current_time())
         assert await assignment_states(db_pool) == before  # not yet
-        mock_clock.jump(0.001)  # the tick
-        # The tick's statements run on the database: probe until they show.
-        for _ in range(TICK_PROBES):
-            if (states := await assignment_states(db_pool)) == after:
-                break
-        else:
-            pytest.fail(f"no cleanup tick at the interval: {states}")
-        assert trio.current_time() - start == pytest.approx(GC_INTERVAL_S)
+        mock_clock.jump(start + GC_INTERVAL_S - trio.current_time())  # the tick
+        # The tick's statements run on the database: read until they show
+        # (a bound, not a pause: every read is a round trip).
+        deadline = time.monotonic() + TICK_BOUND_S
+        while (states := await assignment_states(db_pool)) != after:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no cleanup tick at the interval: {states}")
