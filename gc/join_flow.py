@@ -148,8 +148,8 @@ class JoinService:
             self._seen_assigned.pop(key, None)
             raise MeetingNotFound("meeting not found")
         meeting = lookup.meeting
-        # Unreachable with a lease taken: the lookup finds no members-only
-        # meeting for a guest.
+        # Unreachable: neither lookup statement shows a guest a members-only
+        # meeting (kept as a safety net; answered like a missing meeting).
         if org_id is None and not meeting.allow_guests:
             raise GuestsNotAllowed("this meeting does not admit guests")
         if lookup.assignment is None or not lookup.assignment.mc_live:
