@@ -225,6 +225,20 @@ async def fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record
     return rows
 
 
+async def wait_until_blocked_by(pool: asyncpg.Pool, pid: int) -> None:
+    """Return once some session waits on a lock the backend ``pid`` holds
+    (each check is a round trip, no pause; a test that never gets there fails
+    after 10 s)."""
+    with trio.fail_after(10):
+        while not await run_aio(
+            pool.fetchval,
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND $1 = any("
+            "SELECT unnest(pg_blocking_pids(pid)))",
+            pid,
+        ):
+            await trio.lowlevel.checkpoint()
+
+
 async def assignment_rows(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return await fetch(pool, "SELECT * FROM meeting_assignments ORDER BY assigned_at")
 

@@ -22,7 +22,7 @@ from typing import cast
 import asyncpg
 import pytest
 import trio
-from gc_fleet import set_mc_health
+from gc_fleet import set_mc_health, wait_until_blocked_by
 
 from darktower.gc.registry_requests import McHeartbeat, McRegistration, MhLoadReport, MhRegistration
 from darktower.gc.repositories import assignments, media_handlers, meeting_controllers
@@ -504,17 +504,7 @@ async def test_begin_attempt_notices_a_record_its_snapshot_missed(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(attempt_b)
-            with trio.fail_after(10):  # B blocks on A's row lock at once; bounded anyway
-                while True:
-                    blocked = await run_aio(
-                        fleet.fetchval,
-                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND $1 = any("
-                        "SELECT unnest(pg_blocking_pids(pid)))",
-                        a_pid,
-                    )
-                    if blocked:
-                        break
-                    await trio.sleep(0.01)
+            await wait_until_blocked_by(fleet, a_pid)  # B blocks on A's row lock at once
             await run_aio(a_tx.commit)
         [b] = result
     finally:
@@ -812,15 +802,7 @@ async def test_end_by_owner_that_waited_on_a_concurrent_change_is_not_the_owner(
         await run_aio(other.execute, concurrently)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(end)
-            # Until the report is blocked on the changed row (each check is a
-            # round trip; bounded by the test's timeout).
-            while not await run_aio(
-                fleet.fetchval,
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND $1 = any("
-                "SELECT unnest(pg_blocking_pids(pid)))",
-                other.get_server_pid(),
-            ):
-                await trio.lowlevel.checkpoint()
+            await wait_until_blocked_by(fleet, other.get_server_pid())
             await run_aio(change.commit)
     finally:
         await run_aio(other.close)

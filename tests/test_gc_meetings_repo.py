@@ -17,6 +17,7 @@ from typing import cast
 import asyncpg
 import pytest
 import trio
+from gc_fleet import wait_until_blocked_by
 
 from darktower.gc.registry_requests import (
     McHeartbeat,
@@ -523,17 +524,7 @@ async def test_find_for_join_notices_a_record_its_snapshot_missed(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lookup_b)
-            with trio.fail_after(10):  # B blocks on A's row lock at once; bounded anyway
-                while True:
-                    blocked = await run_aio(
-                        db_pool.fetchval,
-                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND $1 = any("
-                        "SELECT unnest(pg_blocking_pids(pid)))",
-                        a_pid,
-                    )
-                    if blocked:
-                        break
-                    await trio.sleep(0.01)
+            await wait_until_blocked_by(db_pool, a_pid)  # B blocks on A's row lock at once
             await run_aio(a_tx.commit)
         [b] = result
     finally:
